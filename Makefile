@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# The pinned ComfyUI host (ComfyUI 0.3.75 + torch, outside the repo, keyed by scripts/host/pins.txt) is built
+# on first use; set COMFYUI_PATH=/your/ComfyUI (and COMFYUI_PYTHON) to use your own ComfyUI instead.
+SHELL := /bin/bash
+HOST := source scripts/host/env.sh &&
+PYTEST_ARGS ?=
+
+.PHONY: host demo test test-unit bench soak ui clean-host
+
+host:
+	@bash scripts/host/setup.sh >/dev/null
+
+demo: host
+	@$(HOST) "$$HOST_PY" scripts/demo.py $(if $(CKPT),--ckpt "$(CKPT)") $(if $(LORA),--lora "$(LORA)") $(if $(OUT),--out "$(OUT)")
+
+test: host
+	@$(HOST) "$$HOST_PY" -m pytest -c tests/pytest.ini tests $(PYTEST_ARGS)
+
+test-unit: host
+	@$(HOST) "$$HOST_PY" -m pytest -c tests/pytest.ini tests/unit $(PYTEST_ARGS)
+
+bench: host
+	@$(HOST) "$$HOST_PY" benchmarks/run_all.py
+
+clean-host:
+	@$(HOST) rm -rf "$$HOST_DIR"

@@ -1,0 +1,11 @@
+"""ComfyUI node classes of the pack (V1 API). Each module is a thin adapter over tcd/ and train/."""
+from .sampling import TCDSampler, TCDScheduler
+
+NODE_CLASS_MAPPINGS = {
+    "TCD_Sampler": TCDSampler,
+    "TCD_Scheduler": TCDScheduler,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "TCD_Sampler": "TCD Sampler",
+    "TCD_Scheduler": "TCD Scheduler",
+}

@@ -1,0 +1,101 @@
+"""The one place that talks to ComfyUI (comfy.model_management, comfy.utils, comfy.model_sampling).
+
+Every import of `comfy` is lazy, inside a function, so `tcd` stays importable without ComfyUI; where ComfyUI is
+absent the helpers fall back to plain torch (CPU or the first CUDA device, a tqdm-free no-op progress bar).
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedule import DiscreteSchedule, FlowSchedule
+
+
+def has_comfy() -> bool:
+    try:
+        import comfy.model_management  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------------------------- model sampling
+def _mro_names(obj) -> set[str]:
+    return {cls.__name__ for cls in type(obj).__mro__}
+
+
+def model_sampling_of(model):
+    """The ComfyUI `model_sampling` behind a sampler's model (KSamplerX0Inpaint -> CFGGuider -> BaseModel),
+    a ModelPatcher, or a BaseModel."""
+    for path in (("inner_model", "inner_model", "model_sampling"), ("model", "model_sampling"),
+                 ("get_model_object",), ("model_sampling",)):
+        obj = model
+        try:
+            for attr in path:
+                obj = obj("model_sampling") if attr == "get_model_object" else getattr(obj, attr)
+            return obj
+        except (AttributeError, TypeError, KeyError):
+            continue
+    raise TypeError(f"cannot find the model_sampling of {type(model).__name__}: TCD needs a ComfyUI model")
+
+
+def schedule_for(model_sampling):
+    """The TCD schedule (tcd.schedule) matching a ComfyUI model_sampling object, or a clear error."""
+    names = _mro_names(model_sampling)
+    if "ModelSamplingDiscreteDistilled" in names or "LCM" in names:
+        raise ValueError("this model's sampling is patched to LCM (ModelSamplingDiscrete 'lcm', 50-step distilled "
+                         "grid with c_skip/c_out); TCD needs the model's base eps / v_prediction sampling: remove "
+                         "that node or set it to 'eps' / 'v_prediction'")
+    if "CONST" in names:
+        return FlowSchedule()
+    table = getattr(model_sampling, "sigmas", None)
+    if not isinstance(table, torch.Tensor) or table.ndim != 1 or table.numel() < 2:
+        raise ValueError(f"{type(model_sampling).__name__} has no discrete sigma table; TCD needs a discrete "
+                         f"(SD1.x/SD2.x/SDXL) or flow (SD3/Flux) noise schedule")
+    return DiscreteSchedule(table.detach().float().cpu())
+
+
+def sigma_table(model_sampling) -> torch.Tensor:
+    """The model's ascending sigma table (float32, CPU) that TCD timesteps index into."""
+    table = getattr(model_sampling, "sigmas", None)
+    if not isinstance(table, torch.Tensor) or table.ndim != 1 or table.numel() < 2:
+        raise ValueError(f"{type(model_sampling).__name__} has no discrete sigma table for TCD timesteps")
+    schedule_for(model_sampling)  # refuses LCM-patched sampling with its message
+    return table.detach().float().cpu()
+
+
+# ----------------------------------------------------------------------------------------------- devices, progress
+def torch_device() -> torch.device:
+    if has_comfy():
+        import comfy.model_management as mm
+        return mm.get_torch_device()
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def intermediate_device() -> torch.device:
+    if has_comfy():
+        import comfy.model_management as mm
+        return mm.intermediate_device()
+    return torch.device("cpu")
+
+
+def throw_if_interrupted() -> None:
+    """Raise ComfyUI's InterruptProcessingException when the user pressed Cancel (no-op without ComfyUI)."""
+    if has_comfy():
+        import comfy.model_management as mm
+        mm.throw_exception_if_processing_interrupted()
+
+
+class Progress:
+    """comfy.utils.ProgressBar when ComfyUI runs (UI progress; its hook also raises on Cancel), else nothing."""
+
+    def __init__(self, total: int):
+        self.total = total
+        self._bar = None
+        if has_comfy():
+            import comfy.utils
+            self._bar = comfy.utils.ProgressBar(total)
+
+    def update(self, n: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(n)
+        throw_if_interrupted()

@@ -1,0 +1,182 @@
+"""Noise-schedule tables and TCD timestep selection.
+
+Everything here reproduces diffusers' `TCDScheduler` (0.42.1) exactly, in pure torch/numpy:
+
+* `tcd_timesteps` is `TCDScheduler.set_timesteps` (the "origin" skipping grid, `strength`, the linspace pick);
+* `vp_alphas_cumprod` is its `alphas_cumprod` (float32, as diffusers computes it);
+* `DiscreteSchedule` is a 1000-entry sigma table with ComfyUI's `timestep(sigma)` rule (nearest log-sigma),
+  the sigma-space view a ComfyUI EPS / V / X0 model lives in (sigma_t = sqrt((1 - abar_t) / abar_t)).
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+import torch
+
+DENOISE_MODES = ("comfyui", "diffusers_strength", "diffusers_pipeline")
+
+
+def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                      beta_schedule: str = "scaled_linear") -> torch.Tensor:
+    """abar_t of a VP diffusion, computed in float32 as diffusers' schedulers do."""
+    if beta_schedule == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float32) ** 2
+    elif beta_schedule == "linear":
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
+    else:
+        raise ValueError(f"beta_schedule {beta_schedule!r} is not supported; use 'scaled_linear' or 'linear'")
+    return torch.cumprod(1.0 - betas, dim=0)
+
+
+def origin_grid(original_steps: int = 50, strength: float = 1.0, num_train_timesteps: int = 1000) -> np.ndarray:
+    """The skipping grid TCD picks its timesteps from (ascending).
+
+    diffusers: k = T // original_steps, origin = [1 .. int(original_steps * strength)] * k - 1, i.e. {19, 39, ..., 999}
+    for the default 50 steps. original_steps = T gives every timestep [0 .. int(T * strength) - 1], which is also what
+    diffusers does whenever `original_inference_steps` is passed explicitly (TCD_SPEC §1.2 quirk: 999/749/499/249).
+    """
+    if not 1 <= original_steps <= num_train_timesteps:
+        raise ValueError(f"original_steps={original_steps} is outside 1..{num_train_timesteps}; "
+                         f"use 50 (TCD/LCM default grid) or {num_train_timesteps} (every timestep)")
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength={strength} must be in (0, 1]")
+    skip = num_train_timesteps // original_steps
+    return np.arange(1, int(original_steps * strength) + 1, dtype=np.int64) * skip - 1
+
+
+def tcd_timesteps(steps: int, original_steps: int = 50, strength: float = 1.0,
+                  num_train_timesteps: int = 1000) -> list[int]:
+    """Descending TCD timesteps, identical to `TCDScheduler.set_timesteps(steps, strength=strength)`.
+
+    steps=4 -> [999, 759, 499, 259]; with original_steps=1000 -> [999, 749, 499, 249].
+    """
+    if not isinstance(steps, (int, np.integer)) or steps < 1:
+        raise ValueError(f"steps={steps!r} must be an integer >= 1")
+    origin = origin_grid(original_steps, strength, num_train_timesteps)
+    if steps > original_steps:
+        raise ValueError(f"steps={steps} exceeds original_steps={original_steps}: TCD picks its timesteps from a "
+                         f"{original_steps}-step grid; lower steps or raise original_steps (e.g. 1000)")
+    if len(origin) // steps < 1:
+        raise ValueError(f"steps={steps} needs at least {steps} grid points but strength={strength} leaves "
+                         f"{len(origin)} of the {original_steps}-step grid; raise strength or lower steps")
+    origin = origin[::-1]
+    picks = np.floor(np.linspace(0, len(origin), num=steps, endpoint=False)).astype(np.int64)
+    return [int(t) for t in origin[picks]]
+
+
+def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyui", original_steps: int = 50,
+                           num_train_timesteps: int = 1000) -> list[int]:
+    """TCD timesteps for partial denoising (img2img / inpaint), in one of three semantics (TCD_SPEC §2.2):
+
+    * ``comfyui``: KSampler's rule, a schedule of int(steps / denoise) steps of which the last `steps` run.
+    * ``diffusers_strength``: `TCDScheduler.set_timesteps(steps, strength=denoise)`; the grid itself is cut
+      (what diffusers' LCM img2img pipeline does); `steps` steps run.
+    * ``diffusers_pipeline``: the SD/SDXL img2img pipelines' `get_timesteps`: the full `steps` schedule is cut to
+      its last min(int(steps * denoise), steps) entries, so fewer steps run.
+    """
+    if not 0.0 < denoise <= 1.0 or math.isnan(denoise):
+        raise ValueError(f"denoise={denoise} must be in (0, 1]; 1 is text-to-image, lower keeps more of the input")
+    if mode == "comfyui":
+        total = int(steps / denoise)
+        if total > original_steps:
+            raise ValueError(f"steps={steps} at denoise={denoise} needs a {total}-step schedule, more than "
+                             f"original_steps={original_steps}; raise denoise, lower steps, or use "
+                             f"original_steps=1000 or denoise_mode='diffusers_strength'")
+        return tcd_timesteps(total, original_steps, 1.0, num_train_timesteps)[-steps:]
+    if mode == "diffusers_strength":
+        return tcd_timesteps(steps, original_steps, denoise, num_train_timesteps)
+    if mode == "diffusers_pipeline":
+        full = tcd_timesteps(steps, original_steps, 1.0, num_train_timesteps)
+        keep = min(int(steps * denoise), steps)
+        if keep < 1:
+            raise ValueError(f"denoise={denoise} with steps={steps} keeps int({steps}*{denoise}) = 0 steps "
+                             f"(diffusers_pipeline semantics); raise denoise or steps")
+        return full[steps - keep:]
+    raise ValueError(f"denoise mode {mode!r} is not one of {DENOISE_MODES}")
+
+
+class DiscreteSchedule:
+    """A discrete VP noise schedule seen in sigma (VE) space: sigma_t = sqrt((1 - abar_t) / abar_t).
+
+    `timestep` is ComfyUI's ModelSamplingDiscrete.timestep (nearest table entry in log-sigma), so a schedule built
+    from a model's own `sigmas` table maps every on-grid sigma back to its integer timestep exactly.
+    """
+
+    kind = "discrete"
+
+    def __init__(self, sigmas: torch.Tensor):
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).flatten().cpu()
+        if sigmas.numel() < 2 or not torch.all(sigmas[1:] >= sigmas[:-1]) or not torch.all(sigmas > 0):
+            raise ValueError("a discrete schedule needs an ascending table of positive sigmas")
+        self.sigmas = sigmas
+        self.log_sigmas = sigmas.log()
+
+    @classmethod
+    def from_alphas_cumprod(cls, alphas_cumprod: torch.Tensor) -> "DiscreteSchedule":
+        abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        return cls(((1 - abar) / abar).sqrt().float())
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.sigmas.numel()
+
+    def timestep(self, sigma: float) -> int:
+        """Nearest integer timestep of `sigma` (0 for sigma == 0, where log would be -inf: TCD_SPEC §6.5)."""
+        if sigma <= 0:
+            return 0
+        return int(torch.argmin((math.log(sigma) - self.log_sigmas).abs()))
+
+    def sigma_at(self, t: int) -> float:
+        return float(self.sigmas[int(t)])
+
+    def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
+        """SIGMAS for a sampler: the table entries of `timesteps`, then a final 0 (TCD_SPEC §2.2)."""
+        for t in timesteps:
+            if not 0 <= int(t) < self.num_train_timesteps:
+                raise ValueError(f"timestep {t} is outside the model's table 0..{self.num_train_timesteps - 1}")
+        return torch.tensor([self.sigma_at(t) for t in timesteps] + [0.0], dtype=torch.float32)
+
+    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space (TCD_SPEC §2.5): VE for discrete VP models.
+    @staticmethod
+    def a(sigma: float) -> float:
+        return 1.0
+
+    @staticmethod
+    def b(sigma: float) -> float:
+        return sigma
+
+    def sigma_s(self, sigma_next: float, gamma: float) -> float:
+        """sigma of the SSS target time s = floor((1 - gamma) * t_next) (paper's Algorithm 4, diffusers' step).
+
+        The product is taken on an int64 tensor times a Python float, i.e. in float32, exactly like diffusers
+        (`torch.floor((1 - eta) * prev_timestep).long()`): float64 disagrees for some (t, gamma) pairs (§6.3).
+        The result never exceeds sigma_next, so snapped off-grid sigmas (karras, sgm_uniform) never add noise
+        "backwards" (§6.11).
+        """
+        t_next = torch.tensor(self.timestep(sigma_next), dtype=torch.int64)
+        t_s = int(torch.floor((1 - gamma) * t_next).long())
+        return min(self.sigma_at(t_s), sigma_next) if sigma_next > 0 else self.sigma_at(t_s)
+
+
+class FlowSchedule:
+    """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
+
+    No discrete TCD reference exists for flow models; the target time is taken in the model's native time,
+    sigma_s = (1 - gamma) * sigma_next (TCD_SPEC §2.5), never through the shift-dependent timestep round trip.
+    """
+
+    kind = "flow"
+
+    @staticmethod
+    def a(sigma: float) -> float:
+        return 1.0 - sigma
+
+    @staticmethod
+    def b(sigma: float) -> float:
+        return sigma
+
+    @staticmethod
+    def sigma_s(sigma_next: float, gamma: float) -> float:
+        return (1.0 - gamma) * sigma_next

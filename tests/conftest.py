@@ -1,0 +1,65 @@
+"""Fixtures shared by every test level.
+
+Levels (folders): unit/ (the `tcd` core, no ComfyUI), comfy/ (ComfyUI 0.3.75 imported in this process),
+server/ (a real ComfyUI server subprocess spoken to over HTTP), ui/ (the real frontend in headless Chromium).
+The host comes from scripts/host/setup.sh (`make test` builds it); COMFYUI_DIR points at its ComfyUI.
+"""
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))               # `import tcd`, `import train` as top-level packages
+sys.path.insert(0, str(REPO / "scripts"))   # comfyhost (server + HTTP client)
+import comfyhost  # noqa: E402
+
+
+def comfyui_dir() -> Path:
+    d = os.environ.get("COMFYUI_DIR")
+    if not d or not (Path(d) / "main.py").exists():
+        pytest.exit("COMFYUI_DIR is not set to a ComfyUI checkout: run the tests with `make test`", returncode=2)
+    return Path(d)
+
+
+@pytest.fixture(scope="session")
+def comfy():
+    """ComfyUI imported in-process, core + extra nodes initialised and this pack loaded like the server does.
+
+    Returns the pack's module (as ComfyUI registered it)."""
+    root = comfyui_dir()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    from comfy.cli_args import args
+    args.cpu = os.environ.get("TCD_HOST_GPU") != "1"   # before the first comfy.model_management import
+    import comfy.model_management  # noqa: F401
+    import nodes
+    from server import PromptServer  # noqa: F401  (comfy_extras import it)
+    if "SamplerCustomAdvanced" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    module_path = str(REPO)
+    if module_path.replace(".", "_x_") not in sys.modules:
+        assert asyncio.run(nodes.load_custom_node(module_path)), "the pack failed to load into ComfyUI"
+    return sys.modules[module_path.replace(".", "_x_")]
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt() -> Path:
+    """The tiny real SD1.5 checkpoint (generated once per host, ~300 MB, a few seconds)."""
+    path = Path(os.environ.get("TINY_CKPT") or (REPO / ".cache" / "tiny_sd15.safetensors"))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return comfyhost.make_tiny_checkpoint(comfyui_dir(), path)
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_ckpt):
+    """A real ComfyUI server with the pack in custom_nodes and the tiny checkpoint in models/checkpoints."""
+    base = tmp_path_factory.mktemp("comfy_base")
+    comfyhost.prepare_base(base)
+    (base / "models" / "checkpoints" / "tiny_sd15.safetensors").symlink_to(tiny_ckpt)
+    srv = comfyhost.ComfyServer(base, comfyui_dir())
+    srv.start()
+    yield srv
+    srv.stop()
