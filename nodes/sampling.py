@@ -19,8 +19,16 @@ def sample_tcd_comfy(model, x, sigmas, extra_args=None, callback=None, disable=N
                      final_step="diffusers", noise_sampler=None):
     """sample_tcd on a ComfyUI model: the schedule comes from the model's own model_sampling."""
     schedule = backend.schedule_for(backend.model_sampling_of(model))
-    return sample_tcd(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, gamma=gamma,
-                      noise_sampler=noise_sampler, schedule=schedule, final_step=final_step)
+    x = sample_tcd(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, gamma=gamma,
+                   noise_sampler=noise_sampler, schedule=schedule, final_step=final_step)
+    mask = (extra_args or {}).get("denoise_mask")
+    latent = getattr(model, "latent_image", None)
+    if mask is not None and latent is not None and float(sigmas[-1]) == 0:
+        # Inpainting: ComfyUI blends the kept region into every x0 prediction, but the "diffusers" final step
+        # leaves 3% predicted noise there. diffusers' inpaint pipeline pastes the original latent back after the
+        # last step; do the same, so unmasked pixels come out unchanged.
+        x = x * mask + latent.to(x) * (1.0 - mask)
+    return x
 
 
 def tcd_sigmas(model_sampling, steps, denoise=1.0, original_steps=50, denoise_mode="comfyui") -> torch.Tensor:

@@ -24,16 +24,17 @@ def _mro_names(obj) -> set[str]:
 
 
 def model_sampling_of(model):
-    """The ComfyUI `model_sampling` behind a sampler's model (KSamplerX0Inpaint -> CFGGuider -> BaseModel),
-    a ModelPatcher, or a BaseModel."""
-    for path in (("inner_model", "inner_model", "model_sampling"), ("model", "model_sampling"),
-                 ("get_model_object",), ("model_sampling",)):
+    """The ComfyUI `model_sampling` behind a ModelPatcher (patches such as ModelSamplingDiscrete included), a
+    sampler's model (KSamplerX0Inpaint -> CFGGuider -> BaseModel), or a BaseModel."""
+    if hasattr(model, "get_model_object"):
+        return model.get_model_object("model_sampling")
+    for path in (("inner_model", "inner_model", "model_sampling"), ("model_sampling",)):
         obj = model
         try:
             for attr in path:
-                obj = obj("model_sampling") if attr == "get_model_object" else getattr(obj, attr)
+                obj = getattr(obj, attr)
             return obj
-        except (AttributeError, TypeError, KeyError):
+        except AttributeError:
             continue
     raise TypeError(f"cannot find the model_sampling of {type(model).__name__}: TCD needs a ComfyUI model")
 

@@ -14,6 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))               # `import tcd`, `import train` as top-level packages
 sys.path.insert(0, str(REPO / "scripts"))   # comfyhost (server + HTTP client)
+sys.path.insert(0, str(REPO / "tests"))     # `import support.<helper>`: test helpers shared across levels
 import comfyhost  # noqa: E402
 
 
@@ -25,7 +26,7 @@ def comfyui_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def comfy():
+def pack():
     """ComfyUI imported in-process, core + extra nodes initialised and this pack loaded like the server does.
 
     Returns the pack's module (as ComfyUI registered it)."""
@@ -35,8 +36,12 @@ def comfy():
     from comfy.cli_args import args
     args.cpu = os.environ.get("TCD_HOST_GPU") != "1"   # before the first comfy.model_management import
     import comfy.model_management  # noqa: F401
+    # ComfyUI's `utils` package must be imported before `nodes` puts comfy/ (which has a utils.py) first on
+    # sys.path; main.py does the same by importing utils.extra_config first.
+    import utils.extra_config  # noqa: F401
+    import utils.install_util  # noqa: F401
+    import server  # noqa: F401  (comfy_extras nodes use PromptServer)
     import nodes
-    from server import PromptServer  # noqa: F401  (comfy_extras import it)
     if "SamplerCustomAdvanced" not in nodes.NODE_CLASS_MAPPINGS:
         asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
     module_path = str(REPO)

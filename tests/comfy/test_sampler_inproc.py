@@ -1,0 +1,162 @@
+"""The TCD sampler and scheduler inside a real ComfyUI 0.3.75 (imported in-process), on the tiny SD1.5 checkpoint
+and ComfyUI's own model_sampling classes."""
+import math
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def sd15(pack, tiny_ckpt):
+    import comfy.sd
+    model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_ckpt))[:3]
+    cond = clip.encode_from_tokens_scheduled(clip.tokenize("a photo of a cat"))
+    uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    return model, cond, uncond
+
+
+def ksample(model, cond, uncond, sampler="tcd", scheduler="tcd", steps=4, seed=1, denoise=1.0, latent=None,
+            noise_mask=None, cfg=1.0):
+    import comfy.sample
+    latent = torch.zeros(1, 4, 8, 8) if latent is None else latent
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return comfy.sample.sample(model, noise, steps, cfg, sampler, scheduler, cond, uncond, latent,
+                               denoise=denoise, noise_mask=noise_mask, seed=seed, disable_pbar=True)
+
+
+def test_names_are_registered_in_core_lists(pack):
+    import comfy.samplers
+    import nodes
+    assert pack.REGISTERED_NAMES == {"sampler": "tcd", "scheduler": "tcd"}
+    assert "tcd" in comfy.samplers.KSampler.SAMPLERS and "tcd" in comfy.samplers.SAMPLER_NAMES
+    assert "tcd" in comfy.samplers.KSampler.SCHEDULERS
+    ks = nodes.NODE_CLASS_MAPPINGS["KSampler"].INPUT_TYPES()["required"]
+    assert "tcd" in ks["sampler_name"][0] and "tcd" in ks["scheduler"][0]
+    assert {"TCD_Sampler", "TCD_Scheduler"} <= set(nodes.NODE_CLASS_MAPPINGS)
+
+
+def test_ksampler_tcd_runs_and_is_seed_deterministic(sd15):
+    model, cond, uncond = sd15
+    a = ksample(model, cond, uncond, seed=3)
+    b = ksample(model, cond, uncond, seed=3)
+    c = ksample(model, cond, uncond, seed=4)
+    assert a.shape == (1, 4, 8, 8) and torch.isfinite(a).all()
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_ksampler_tcd_scheduler_gives_diffusers_timesteps(pack, sd15):
+    import comfy.samplers
+    model = sd15[0]
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "tcd", 4)
+    assert [int(ms.timestep(s.reshape(1))) for s in sigmas[:-1]] == [999, 759, 499, 259]
+    assert sigmas.tolist() == pytest.approx([14.614641, 4.260557, 1.612886, 0.719380, 0.0], rel=1e-5)
+
+
+def test_custom_sampler_nodes_match_ksampler_path(pack, sd15):
+    """SamplerCustom with the TCD Sampler (gamma 0.3) + TCD Scheduler equals KSampler tcd/tcd."""
+    import nodes
+    model, cond, uncond = sd15
+    sampler = nodes.NODE_CLASS_MAPPINGS["TCD_Sampler"]().get_sampler(0.3)[0]
+    sigmas = nodes.NODE_CLASS_MAPPINGS["TCD_Scheduler"]().get_sigmas(model, 4, 1.0, 50, "comfyui")[0]
+    custom = nodes.NODE_CLASS_MAPPINGS["SamplerCustom"]
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    out = custom.execute(model, True, 5, 1.0, cond, uncond, sampler, sigmas, latent)
+    out = out[0] if isinstance(out, tuple) else out.result[0]
+    expected = ksample(model, cond, uncond, seed=5)
+    assert torch.allclose(out["samples"], expected, atol=1e-6)
+
+
+def test_img2img_and_inpainting_run(sd15):
+    model, cond, uncond = sd15
+    init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    out = ksample(model, cond, uncond, latent=init, denoise=0.5, seed=2)
+    assert torch.isfinite(out).all() and not torch.allclose(out, init)
+    mask = torch.zeros(1, 1, 8, 8)
+    mask[..., 4:] = 1.0   # repaint the right half only
+    inpainted = ksample(model, cond, uncond, latent=init, denoise=1.0, noise_mask=mask, seed=2)
+    assert torch.isfinite(inpainted).all()
+    assert torch.allclose(inpainted[..., :4], init[..., :4], atol=1e-5)   # kept half untouched
+    assert not torch.allclose(inpainted[..., 4:], init[..., 4:], atol=1e-2)
+
+
+@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
+@pytest.mark.parametrize("steps", [1, 2, 4, 8, 25])
+@pytest.mark.parametrize("gamma", [0.0, 0.1, 0.3, 0.5, 1.0])
+def test_parity_with_diffusers_using_comfy_model_sampling(pack, pred, steps, gamma):
+    """The pack's sampler on ComfyUI's real EPS / V_PREDICTION / X0 model_sampling vs diffusers' TCDScheduler."""
+    import comfy.model_sampling as cms
+    from diffusers import TCDScheduler
+    from tcd.schedule import tcd_timesteps
+    sample_tcd_comfy = comfy_sampler_fn(pack)
+    kind = {"epsilon": cms.EPS, "v_prediction": cms.V_PREDICTION, "sample": cms.X0}[pred]
+    ms = type("MS", (cms.ModelSamplingDiscrete, kind), {})()
+    shape = (2, 4, 8, 8)
+
+    def net(x_vp, t):
+        t = float(t)
+        return torch.tanh(x_vp * (0.5 + t / 1000.0)) * 0.8 + 0.05 * math.sin(t / 97.0)
+
+    class Wrapped:   # the object layout ComfyUI hands a sampler: KSamplerX0Inpaint -> CFGGuider -> BaseModel
+        class inner_model:
+            class inner_model:
+                model_sampling = ms
+
+        def __call__(self, x, sigma, **_):
+            t = ms.timestep(sigma)
+            return ms.calculate_denoised(sigma, net(ms.calculate_input(sigma, x), int(t[0])), x)
+
+    sched = TCDScheduler(prediction_type=pred)
+    sched.set_timesteps(steps)
+    g = torch.Generator("cpu").manual_seed(11)
+    x = torch.randn(shape, generator=g)
+    for t in sched.timesteps:
+        x = sched.step(net(x, t), t, x, eta=gamma, generator=g).prev_sample
+
+    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(11))
+    sigmas = torch.tensor([float(ms.sigmas[t]) for t in tcd_timesteps(steps)] + [0.0])
+    start = ms.noise_scaling(sigmas[0], noise, torch.zeros(shape), max_denoise=True)
+    got = sample_tcd_comfy(Wrapped(), start, sigmas, extra_args={"seed": 11}, gamma=gamma, disable=True)
+    rel = float((got - x).abs().max() / x.abs().max())
+    assert rel <= 1e-4, rel
+
+
+def comfy_sampler_fn(pack):
+    import comfy.k_diffusion.sampling as kds
+    return getattr(kds, "sample_" + pack.REGISTERED_NAMES["sampler"])
+
+
+def test_flow_const_model_samples_without_nan(pack):
+    """A tiny in-process flow (CONST, SD3-style) model: ComfyUI's ModelSamplingDiscreteFlow + CONST."""
+    import comfy.model_sampling as cms
+    import comfy.samplers
+    ms = type("MSFlow", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
+    ms.set_parameters(shift=3.0)
+    sample_fn = comfy_sampler_fn(pack)
+    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
+
+    class Wrapped:
+        class inner_model:
+            class inner_model:
+                model_sampling = ms
+
+        def __call__(self, x, sigma, **_):
+            v = torch.einsum("oc,bchw->bohw", weight, ms.calculate_input(sigma, x)).tanh()
+            return ms.calculate_denoised(sigma, v, x)
+
+    sigmas = comfy.samplers.calculate_sigmas(ms, "tcd", 4)
+    assert sigmas[0] == pytest.approx(1.0, abs=1e-3) and sigmas[-1] == 0
+    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    for gamma in (0.0, 0.3, 1.0):
+        x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
+        out = sample_fn(Wrapped(), x, sigmas, extra_args={"seed": 1}, gamma=gamma, disable=True)
+        assert torch.isfinite(out).all()
+
+
+def test_lcm_patched_model_gets_a_clear_error(pack, sd15):
+    import nodes
+    model = sd15[0]
+    patched = nodes.NODE_CLASS_MAPPINGS["ModelSamplingDiscrete"]().patch(model, "lcm", False)[0]
+    with pytest.raises(ValueError, match="patched to LCM"):
+        nodes.NODE_CLASS_MAPPINGS["TCD_Scheduler"]().get_sigmas(patched, 4, 1.0, 50, "comfyui")
