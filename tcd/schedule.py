@@ -80,7 +80,7 @@ def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyu
         raise ValueError(f"denoise={denoise} must be in (0, 1]; 1 is text-to-image, lower keeps more of the input")
     if mode == "comfyui":
         total = int(steps / denoise)
-        if total > original_steps:
+        if total > original_steps and denoise < 1.0:
             raise ValueError(f"steps={steps} at denoise={denoise} needs a {total}-step schedule, more than "
                              f"original_steps={original_steps}; raise denoise, lower steps, or use "
                              f"original_steps=1000 or denoise_mode='diffusers_strength'")
