@@ -211,6 +211,31 @@ class ComfyServer:
         self.post("/interrupt", {})
 
 
+def comfy_in_process(comfyui_dir: Path, pack_dir: Path = REPO):
+    """Import ComfyUI into this process as main.py would (CPU unless TCD_HOST_GPU=1), initialise core + extra nodes
+    and load the pack through ComfyUI's own custom-node loader. Returns the pack module as ComfyUI registered it."""
+    import asyncio
+    root = str(Path(comfyui_dir).resolve())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    from comfy.cli_args import args
+    args.cpu = os.environ.get("TCD_HOST_GPU") != "1"   # before the first comfy.model_management import
+    import comfy.model_management  # noqa: F401
+    # ComfyUI's `utils` package must be imported before `nodes` puts comfy/ (which has a utils.py) first on
+    # sys.path; main.py does the same by importing utils.extra_config first.
+    import utils.extra_config  # noqa: F401
+    import utils.install_util  # noqa: F401
+    import server  # noqa: F401  (comfy_extras nodes use PromptServer)
+    import nodes
+    if "SamplerCustomAdvanced" not in nodes.NODE_CLASS_MAPPINGS:
+        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+    module_name = str(pack_dir).replace(".", "_x_")
+    if module_name not in sys.modules:
+        if not asyncio.run(nodes.load_custom_node(str(pack_dir))):
+            raise RuntimeError(f"the pack at {pack_dir} failed to load into ComfyUI")
+    return sys.modules[module_name]
+
+
 def make_tiny_checkpoint(comfyui_dir: Path, out: Path, python: str = sys.executable, extra: tuple = ()) -> Path:
     """Write the tiny real SD1.5 checkpoint (ComfyUI's own classes, random weights) unless it already exists."""
     out = Path(out)

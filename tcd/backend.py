@@ -100,3 +100,31 @@ class Progress:
         if self._bar is not None:
             self._bar.update(n)
         throw_if_interrupted()
+
+
+# ----------------------------------------------------------------------------------------------- LoRA
+def unet_ldm_to_diffusers(model_patcher) -> dict[str, str]:
+    """ldm module name -> diffusers module name for a ComfyUI UNet model (ModelPatcher or BaseModel).
+
+    Both sides are module paths without `.weight`/`.bias` and without the `diffusion_model.` prefix, e.g.
+    `input_blocks.1.1.transformer_blocks.0.attn1.to_q` -> `down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q`.
+    Built from ComfyUI's own `comfy.utils.unet_to_diffusers(unet_config)` (the table its LoRA key map uses), so
+    the names agree with ComfyUI's loader by construction. Empty for models without a UNet config (DiT models).
+    """
+    import comfy.utils
+    base_model = getattr(model_patcher, "model", model_patcher)
+    unet_config = base_model.model_config.unet_config
+    mapping = {}
+    for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(unet_config).items():
+        for suffix in (".weight", ".bias"):
+            if diffusers_key.endswith(suffix) and ldm_key.endswith(suffix):
+                mapping[ldm_key[:-len(suffix)]] = diffusers_key[:-len(suffix)]
+    return mapping
+
+
+def unet_weight_shapes(model_patcher) -> dict[str, tuple]:
+    """ldm module name -> weight shape for every >= 2-D UNet weight (the layers a LoRA can target)."""
+    base_model = getattr(model_patcher, "model", model_patcher)
+    prefix = "diffusion_model."
+    return {k[len(prefix):-len(".weight")]: tuple(v.shape) for k, v in base_model.state_dict().items()
+            if k.startswith(prefix) and k.endswith(".weight") and v.ndim >= 2}

@@ -4,7 +4,6 @@ Levels (folders): unit/ (the `tcd` core, no ComfyUI), comfy/ (ComfyUI 0.3.75 imp
 server/ (a real ComfyUI server subprocess spoken to over HTTP), ui/ (the real frontend in headless Chromium).
 The host comes from scripts/host/setup.sh (`make test` builds it); COMFYUI_DIR points at its ComfyUI.
 """
-import asyncio
 import os
 import sys
 from pathlib import Path
@@ -30,24 +29,7 @@ def pack():
     """ComfyUI imported in-process, core + extra nodes initialised and this pack loaded like the server does.
 
     Returns the pack's module (as ComfyUI registered it)."""
-    root = comfyui_dir()
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
-    from comfy.cli_args import args
-    args.cpu = os.environ.get("TCD_HOST_GPU") != "1"   # before the first comfy.model_management import
-    import comfy.model_management  # noqa: F401
-    # ComfyUI's `utils` package must be imported before `nodes` puts comfy/ (which has a utils.py) first on
-    # sys.path; main.py does the same by importing utils.extra_config first.
-    import utils.extra_config  # noqa: F401
-    import utils.install_util  # noqa: F401
-    import server  # noqa: F401  (comfy_extras nodes use PromptServer)
-    import nodes
-    if "SamplerCustomAdvanced" not in nodes.NODE_CLASS_MAPPINGS:
-        asyncio.run(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
-    module_path = str(REPO)
-    if module_path.replace(".", "_x_") not in sys.modules:
-        assert asyncio.run(nodes.load_custom_node(module_path)), "the pack failed to load into ComfyUI"
-    return sys.modules[module_path.replace(".", "_x_")]
+    return comfyhost.comfy_in_process(comfyui_dir(), REPO)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,205 @@
+"""Consistency-distillation objectives: TCD (arXiv 2402.19159) and LCM (arXiv 2310.04378) as the baseline.
+
+One small class per objective, the papers' hyper-parameters as constructor defaults (NVlabs/edm style). Both
+take three callables returning the raw model output (per `prediction_type`) for VP-space latents x_t and int64
+timesteps t of shape [B]:
+
+    student(x_t, t, cond)   trainable (base + LoRA), gradients flow through it
+    target(x_t, t, cond)    theta^- (EMA of the LoRA, or the online LoRA); called under no_grad
+    teacher(x_t, t, cond)   the frozen base model; called under no_grad
+
+One training iteration (TCD_SPEC §3-4; diffusers' `train_lcm_distill_lora_*.py` with the TCD changes):
+
+    1. n on the skipping grid: t_{n+k} = k (j + 1) - 1, j ~ U{0..N-1}; t_n = max(t_{n+k} - k, 0)   (k = T // N)
+    2. TCD: target time s = max(k m - 1, 0), m ~ U{0..j}, so s <= t_n on the same grid;  LCM: s = 0
+    3. x_{t_{n+k}} = alpha x0 + sigma z                                                   (forward noising)
+    4. teacher: one DDIM step t_{n+k} -> t_n with CFG x0 = x0_c + w (x0_c - x0_u) (and eps alike), w ~ U[w_min, w_max]
+    5. target = f_{theta^-}(x_hat_{t_n}, t_n, s)  under no_grad
+    6. pred   = f_theta(x_{t_{n+k}}, t_{n+k}, s)
+    7. loss   = mean d(pred, target), d = L2 or pseudo-Huber sqrt((a - b)^2 + c^2) - c (elementwise, as diffusers)
+
+All randomness comes from `generator` (a CPU torch.Generator; draws are moved to x0's device), so a trainer that
+checkpoints the generator state resumes the exact same sequence of draws.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+from .tcf import (PREDICTION_TYPES, TCF_ORDERS, trajectory_consistency_function, vp_alpha_sigma,
+                  x0_eps_from_output, x0_fn_from_model)
+
+LOSS_TYPES = ("huber", "l2")
+Model = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
+
+
+def _check_common(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, prediction_type) -> torch.Tensor:
+    abar = torch.as_tensor(alphas_cumprod, dtype=torch.float32).flatten()
+    if abar.numel() < 2 or not torch.all((abar > 0) & (abar < 1)):
+        raise ValueError("alphas_cumprod must be a 1-D table of values in (0, 1) (e.g. tcd.schedule.vp_alphas_cumprod()"
+                         "); a zero-terminal-SNR schedule needs abar_T clamped above 0")
+    if not 1 <= int(original_steps) <= abar.numel():
+        raise ValueError(f"original_steps={original_steps} must be in 1..{abar.numel()}; 50 is TCD's / LCM's "
+                         f"skipping grid (k = {abar.numel() // 50})")
+    if not 0.0 <= w_min <= w_max:
+        raise ValueError(f"guidance range w_min={w_min}, w_max={w_max} must satisfy 0 <= w_min <= w_max "
+                         f"(the paper's LCM/TCD scripts use [3, 15]; 0 disables classifier-free guidance)")
+    if loss not in LOSS_TYPES:
+        raise ValueError(f"loss={loss!r} is not one of {LOSS_TYPES}")
+    if loss == "huber" and not huber_c > 0:
+        raise ValueError(f"huber_c={huber_c} must be > 0 (diffusers' default 0.001)")
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+    return abar
+
+
+def distance(pred: torch.Tensor, target: torch.Tensor, loss: str = "huber", huber_c: float = 0.001) -> torch.Tensor:
+    """Mean elementwise L2 or pseudo-Huber distance (diffusers' LCM scripts: mean(sqrt((a-b)^2 + c^2) - c))."""
+    diff = pred.float() - target.float()
+    if loss == "l2":
+        return diff.pow(2).mean()
+    return (torch.sqrt(diff.pow(2) + huber_c ** 2) - huber_c).mean()
+
+
+class _ConsistencyDistillation:
+    """Shared parts: the skipping grid, forward noising, and the teacher's guided DDIM step."""
+
+    def __init__(self, alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, prediction_type):
+        self.alphas_cumprod = _check_common(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c,
+                                            prediction_type)
+        self.num_train_timesteps = self.alphas_cumprod.numel()
+        self.original_steps = int(original_steps)
+        self.skip = self.num_train_timesteps // self.original_steps          # k: the teacher's one-step jump
+        self.w_min, self.w_max = float(w_min), float(w_max)
+        self.loss, self.huber_c = loss, float(huber_c)
+        self.prediction_type = prediction_type
+        self.last_stats: dict = {}
+
+    # 1. n on the skipping grid {k-1, 2k-1, ..., T-1} (diffusers' DDIMSolver grid)
+    def sample_grid_index(self, batch: int, generator) -> torch.Tensor:
+        return torch.randint(0, self.original_steps, (batch,), generator=generator, dtype=torch.int64)
+
+    def grid_timestep(self, index: torch.Tensor) -> torch.Tensor:
+        return (index + 1) * self.skip - 1
+
+    def guidance_scale(self, batch: int, generator) -> torch.Tensor:
+        u = torch.rand((batch,), generator=generator, dtype=torch.float32)
+        return self.w_min + (self.w_max - self.w_min) * u
+
+    def _x0_eps(self, model: Model, x: torch.Tensor, t: torch.Tensor, cond):
+        alpha, sigma = vp_alpha_sigma(self.alphas_cumprod, t, x.ndim)
+        return x0_eps_from_output(model(x, t, cond).float(), x.float(), alpha, sigma, self.prediction_type)
+
+    @torch.no_grad()
+    def teacher_step(self, teacher: Model, x: torch.Tensor, t_start: torch.Tensor, t_end: torch.Tensor, cond,
+                     uncond, w: torch.Tensor) -> torch.Tensor:
+        """x_hat_{t_n}: one DDIM step of the guided teacher, x0 = x0_c + w (x0_c - x0_u), eps likewise (diffusers)."""
+        x0, eps = self._x0_eps(teacher, x, t_start, cond)
+        if uncond is not None and bool((w != 0).any()):
+            x0_u, eps_u = self._x0_eps(teacher, x, t_start, uncond)
+            w = w.to(x0.device).reshape(-1, *([1] * (x.ndim - 1)))
+            x0 = x0 + w * (x0 - x0_u)
+            eps = eps + w * (eps - eps_u)
+        alpha_n, sigma_n = vp_alpha_sigma(self.alphas_cumprod, t_end, x.ndim)
+        return alpha_n * x0 + sigma_n * eps
+
+    def draw(self, x0: torch.Tensor, generator):
+        """Timesteps, noise, guidance scales of one iteration, drawn in a fixed order from the CPU generator."""
+        batch = x0.shape[0]
+        index = self.sample_grid_index(batch, generator)
+        end_index = (torch.rand((batch,), generator=generator, dtype=torch.float64) * (index + 1)).long()
+        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        w = self.guidance_scale(batch, generator)
+        return index, end_index, noise, w
+
+    def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        alpha, sigma = vp_alpha_sigma(self.alphas_cumprod, t, x0.ndim)
+        return alpha * x0.float() + sigma * noise
+
+
+class TCDLoss(_ConsistencyDistillation):
+    """Trajectory consistency distillation: student and target TCFs meet at a random s <= t_n (TCD_SPEC §3-4)."""
+
+    def __init__(self, alphas_cumprod, original_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
+                 loss: str = "huber", huber_c: float = 0.001, tcf_order: int = 1, prediction_type: str = "epsilon"):
+        super().__init__(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, prediction_type)
+        if tcf_order not in TCF_ORDERS:
+            raise ValueError(f"tcf_order={tcf_order!r} is not one of {TCF_ORDERS} (1 = DDIM form, "
+                             f"2 = DPM-Solver++(2S) midpoint)")
+        self.tcf_order = int(tcf_order)
+
+    def __call__(self, student: Model, target: Model, teacher: Model, x0: torch.Tensor, cond,
+                 uncond=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        index, end_index, noise, w = self.draw(x0, generator)
+        device = x0.device
+        # 1-2. t_{n+k} on the grid, t_n one skip below, s on the grid at or below t_n (rootonchair's TCD trainer)
+        t_start = self.grid_timestep(index).to(device)
+        t_end = (t_start - self.skip).clamp(min=0)
+        s = (end_index * self.skip - 1).clamp(min=0).to(device)
+        # 3. forward noising
+        x_start = self.noised(x0, t_start, noise.to(device))
+        # 4. guided teacher, one DDIM step t_{n+k} -> t_n
+        x_prev = self.teacher_step(teacher, x_start, t_start, t_end, cond, uncond, w)
+        abar = self.alphas_cumprod
+        # 5. target TCF under no_grad from the teacher's point
+        with torch.no_grad():
+            target_fn = x0_fn_from_model(_float_out(target), cond, abar, self.prediction_type)
+            tgt = trajectory_consistency_function(target_fn, x_prev, t_end, s, abar, self.tcf_order)
+        # 6. student TCF from the noised point
+        student_fn = x0_fn_from_model(_float_out(student), cond, abar, self.prediction_type)
+        pred = trajectory_consistency_function(student_fn, x_start, t_start, s, abar, self.tcf_order)
+        # 7. distance
+        value = distance(pred, tgt, self.loss, self.huber_c)
+        self.last_stats = {"t": t_start.tolist(), "t_n": t_end.tolist(), "s": s.tolist(), "w": w.tolist(),
+                           "loss": float(value.detach())}
+        return value
+
+
+class LCMLoss(_ConsistencyDistillation):
+    """Latent consistency distillation baseline: s = 0 with LCM's boundary condition c_skip / c_out.
+
+    f(x, t) = c_skip(t) x + c_out(t) x0_hat, c_skip = sd^2 / ((t * scaling)^2 + sd^2), c_out = t * scaling /
+    sqrt((t * scaling)^2 + sd^2), sd = sigma_data = 0.5, scaling = 10 (diffusers' LCM-LoRA scripts).
+    """
+
+    def __init__(self, alphas_cumprod, original_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
+                 loss: str = "huber", huber_c: float = 0.001, prediction_type: str = "epsilon",
+                 timestep_scaling: float = 10.0, sigma_data: float = 0.5):
+        super().__init__(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, prediction_type)
+        self.timestep_scaling, self.sigma_data = float(timestep_scaling), float(sigma_data)
+
+    def boundary_scalings(self, t: torch.Tensor, ndim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """c_skip, c_out of diffusers' `scalings_for_boundary_conditions` at timestep t ([B] -> [B, 1, ...])."""
+        scaled = t.double() * self.timestep_scaling
+        c_skip = self.sigma_data ** 2 / (scaled ** 2 + self.sigma_data ** 2)
+        c_out = scaled / (scaled ** 2 + self.sigma_data ** 2).sqrt()
+        shape = (-1, *([1] * (ndim - 1)))
+        return c_skip.float().reshape(shape), c_out.float().reshape(shape)
+
+    def consistency_function(self, model: Model, x: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+        c_skip, c_out = self.boundary_scalings(t, x.ndim)
+        x0, _ = self._x0_eps(model, x, t, cond)
+        return c_skip * x.float() + c_out * x0
+
+    def __call__(self, student: Model, target: Model, teacher: Model, x0: torch.Tensor, cond,
+                 uncond=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        # Same draws as TCDLoss (end_index unused), so both objectives see the same t, noise and w for one seed.
+        index, _, noise, w = self.draw(x0, generator)
+        device = x0.device
+        t_start = self.grid_timestep(index).to(device)
+        t_end = (t_start - self.skip).clamp(min=0)
+        x_start = self.noised(x0, t_start, noise.to(device))
+        x_prev = self.teacher_step(teacher, x_start, t_start, t_end, cond, uncond, w)
+        with torch.no_grad():
+            tgt = self.consistency_function(target, x_prev, t_end, cond)
+        pred = self.consistency_function(student, x_start, t_start, cond)
+        value = distance(pred, tgt, self.loss, self.huber_c)
+        self.last_stats = {"t": t_start.tolist(), "t_n": t_end.tolist(), "s": [0] * x0.shape[0], "w": w.tolist(),
+                           "loss": float(value.detach())}
+        return value
+
+
+def _float_out(model: Model) -> Model:
+    """Model outputs in float32, so low-precision (bf16/fp16) passes meet the TCF arithmetic in fp32."""
+    return lambda x, t, cond: model(x, t, cond).float()
