@@ -25,6 +25,11 @@ def comfyui_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    return comfyui_dir()
+
+
+@pytest.fixture(scope="session")
 def pack():
     """ComfyUI imported in-process, core + extra nodes initialised and this pack loaded like the server does.
 

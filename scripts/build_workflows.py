@@ -1,0 +1,229 @@
+"""Write the example workflows: API format (workflows/api/*.json, the source of truth here) and, through ComfyUI's
+real frontend in headless Chromium, the UI format users drag in (workflows/*.json) with Note nodes and a
+same-name JPEG thumbnail for the template browser.
+
+    source scripts/host/env.sh && $HOST_PY scripts/build_workflows.py [--only NAME ...] [--api-only]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+import comfyhost  # noqa: E402
+
+WORKFLOWS = REPO / "workflows"
+SD15 = "v1-5-pruned-emaonly.safetensors"
+SDXL = "sd_xl_base_1.0.safetensors"
+TCD_SD15 = "TCD-SD15-LoRA.safetensors"
+TCD_SDXL = "TCD-SDXL-LoRA.safetensors"
+HYPER_SD15 = "Hyper-SD15-1step-lora.safetensors"
+NEGATIVE = ""
+
+
+class Graph:
+    """A tiny API-graph builder: add(class_type, **inputs) -> node id; out(id, slot) is a link."""
+
+    def __init__(self):
+        self.nodes = {}
+
+    def add(self, class_type, title=None, **inputs):
+        node_id = str(len(self.nodes) + 1)
+        self.nodes[node_id] = {"class_type": class_type, "inputs": inputs}
+        if title:
+            self.nodes[node_id]["_meta"] = {"title": title}
+        return node_id
+
+    @staticmethod
+    def out(node_id, slot=0):
+        return [node_id, slot]
+
+
+def lora_loader(g, ckpt_node, lora, strength=1.0):
+    return g.add("TCD_LoraLoader", model=g.out(ckpt_node, 0), clip=g.out(ckpt_node, 1), lora_name=lora,
+                 strength_model=strength, strength_clip=strength)
+
+
+def encode(g, clip, positive, negative=NEGATIVE):
+    return (g.add("CLIPTextEncode", title="Positive", text=positive, clip=clip),
+            g.add("CLIPTextEncode", title="Negative (unused at cfg 1)", text=negative, clip=clip))
+
+
+def custom_advanced(g, model, pos, neg, latent, seed, steps, gamma, denoise=1.0, cfg=1.0, title=None):
+    sampler = g.add("TCD_Sampler", gamma=gamma, gamma_schedule="", final_step="diffusers")
+    sigmas = g.add("TCD_Scheduler", model=model, steps=steps, denoise=denoise, original_steps=50,
+                   denoise_mode="comfyui")
+    noise = g.add("RandomNoise", noise_seed=seed)
+    guider = g.add("CFGGuider", model=model, positive=g.out(pos), negative=g.out(neg), cfg=cfg)
+    return g.add("SamplerCustomAdvanced", title=title, noise=g.out(noise), guider=g.out(guider),
+                 sampler=g.out(sampler), sigmas=g.out(sigmas), latent_image=latent)
+
+
+def decode_save(g, samples, vae, prefix):
+    image = g.add("VAEDecode", samples=samples, vae=vae)
+    g.add("SaveImage", filename_prefix=prefix, images=g.out(image))
+    return image
+
+
+def sd15_tcd_lora_txt2img():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    lora = lora_loader(g, ckpt, TCD_SD15)
+    pos, neg = encode(g, g.out(lora, 1), "a photo of a cat sitting on a windowsill, golden hour, highly detailed")
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    ks = g.add("KSampler", seed=0, steps=4, cfg=1.0, sampler_name="tcd", scheduler="tcd", denoise=1.0,
+               model=g.out(lora, 0), positive=g.out(pos), negative=g.out(neg), latent_image=g.out(latent))
+    decode_save(g, g.out(ks), g.out(ckpt, 2), "tcd_sd15")
+    return g.nodes, [
+        "SD1.5 + TCD LoRA, plain KSampler.\nsampler: tcd (gamma 0.3), scheduler: tcd (diffusers' TCD timesteps "
+        "999/759/499/259 for 4 steps).\ncfg 1.0 = diffusers guidance_scale 0: TCD LoRAs run without CFG.",
+        "TCD LoRA Loader applies every layer of the LoRA whatever its key format (diffusers, PEFT, kohya) and "
+        "reports how many it patched. Put h1t/TCD-SD15-LoRA in models/loras.\nSteps: 4-8. For another gamma use "
+        "the TCD Sampler node (see the SDXL workflow).",
+    ]
+
+
+def sdxl_tcd_custom_advanced():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SDXL)
+    lora = lora_loader(g, ckpt, TCD_SDXL)
+    pos, neg = encode(g, g.out(lora, 1), "a majestic lion in the savanna at sunset, cinematic, 8k")
+    latent = g.add("EmptyLatentImage", width=1024, height=1024, batch_size=1)
+    sample = custom_advanced(g, g.out(lora, 0), pos, neg, g.out(latent), seed=0, steps=4, gamma=0.3)
+    decode_save(g, g.out(sample), g.out(ckpt, 2), "tcd_sdxl")
+    return g.nodes, [
+        "SDXL + TCD LoRA with SamplerCustomAdvanced.\nTCD Sampler: gamma 0.3 (diffusers' eta). 0 = sharpest, "
+        "deterministic; 1 = softer, LCM-like. More steps tolerate a higher gamma.\nOptional gamma_schedule gives "
+        "one gamma per step, e.g. '0.5, 0.3, 0.2'.",
+        "TCD Scheduler: diffusers' TCDScheduler timesteps from the model's own noise table. original_steps 50 is "
+        "TCD's default grid; 1000 gives 999/749/499/249.\ncfg 1.0 in the guider (no CFG).",
+    ]
+
+
+def gamma_comparison():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    lora = lora_loader(g, ckpt, TCD_SD15)
+    pos, neg = encode(g, g.out(lora, 1), "portrait of an old fisherman, weathered skin, detailed, soft light")
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    images = []
+    for gamma in (0.0, 0.3, 0.6, 1.0):
+        sample = custom_advanced(g, g.out(lora, 0), pos, neg, g.out(latent), seed=42, steps=4, gamma=gamma,
+                                 title=f"gamma {gamma}")
+        images.append(g.add("VAEDecode", samples=g.out(sample), vae=g.out(ckpt, 2)))
+    batch = g.add("ImageBatch", image1=g.out(images[0]), image2=g.out(images[1]))
+    batch = g.add("ImageBatch", image1=g.out(batch), image2=g.out(images[2]))
+    batch = g.add("ImageBatch", image1=g.out(batch), image2=g.out(images[3]))
+    g.add("SaveImage", filename_prefix="tcd_gamma_0_03_06_10", images=g.out(batch))
+    return g.nodes, [
+        "Same seed, same 4 steps, gamma 0 / 0.3 / 0.6 / 1.0 side by side (saved as one batch, left to right).\n"
+        "gamma trades detail against stochasticity: low gamma keeps fine detail, high gamma is smoother "
+        "(LCM-like).",
+    ]
+
+
+def img2img():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    lora = lora_loader(g, ckpt, TCD_SD15)
+    pos, neg = encode(g, g.out(lora, 1), "an oil painting of a mountain lake, impressionist")
+    image = g.add("LoadImage", image="example.png")
+    latent = g.add("VAEEncode", pixels=g.out(image), vae=g.out(ckpt, 2))
+    sample = custom_advanced(g, g.out(lora, 0), pos, neg, g.out(latent), seed=7, steps=4, gamma=0.3, denoise=0.6)
+    decode_save(g, g.out(sample), g.out(ckpt, 2), "tcd_img2img")
+    return g.nodes, [
+        "img2img with TCD. denoise 0.6 keeps the composition of the input image.\nTCD Scheduler's denoise_mode "
+        "'comfyui' runs all 4 steps at the tail of a longer schedule (like KSampler); 'diffusers_pipeline' "
+        "reproduces diffusers' img2img pipeline, which runs int(steps x denoise) steps.",
+    ]
+
+
+def inpainting():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    lora = lora_loader(g, ckpt, TCD_SD15)
+    pos, neg = encode(g, g.out(lora, 1), "a red vintage car")
+    image = g.add("LoadImage", image="example.png")
+    latent = g.add("VAEEncode", pixels=g.out(image), vae=g.out(ckpt, 2))
+    masked = g.add("SetLatentNoiseMask", samples=g.out(latent), mask=g.out(image, 1))
+    sample = custom_advanced(g, g.out(lora, 0), pos, neg, g.out(masked), seed=3, steps=8, gamma=0.3, denoise=1.0)
+    decode_save(g, g.out(sample), g.out(ckpt, 2), "tcd_inpaint")
+    return g.nodes, [
+        "Inpainting: paint a mask on the input image (right-click > Open in MaskEditor); only the masked area is "
+        "regenerated.\nThe TCD sampler pastes the unmasked latent back after the last step, as diffusers' inpaint "
+        "pipeline does, so the kept area is unchanged. 8 steps, gamma 0.3.",
+    ]
+
+
+def hypersd_1step():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    lora = lora_loader(g, ckpt, HYPER_SD15)
+    pos, neg = encode(g, g.out(lora, 1), "a cute corgi puppy in a field of flowers")
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    sample = custom_advanced(g, g.out(lora, 0), pos, neg, g.out(latent), seed=1, steps=1, gamma=1.0)
+    decode_save(g, g.out(sample), g.out(ckpt, 2), "hypersd_1step")
+    return g.nodes, [
+        "Hyper-SD 1-step unified LoRA: 1 step with gamma 1.0 (its model card's eta=1.0).\nThe same LoRA works "
+        "for 2-8 steps: raise steps and lower gamma for more detail (Hyper-SD recommends a lower eta as steps "
+        "grow).",
+    ]
+
+
+BUILDERS = {f.__name__: f for f in (sd15_tcd_lora_txt2img, sdxl_tcd_custom_advanced, gamma_comparison, img2img,
+                                     inpainting, hypersd_1step)}
+
+
+def extra_builders():
+    """Training workflows live with the trainer's node definitions (train/workflows.py) when present."""
+    try:
+        sys.path.insert(0, str(REPO))
+        from train import workflows as train_workflows
+    except ImportError:
+        return {}
+    return dict(train_workflows.BUILDERS)
+
+
+def write_api(name, api):
+    (WORKFLOWS / "api").mkdir(parents=True, exist_ok=True)
+    path = WORKFLOWS / "api" / f"{name}.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(api, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", nargs="*")
+    ap.add_argument("--api-only", action="store_true")
+    a = ap.parse_args()
+    builders = {**BUILDERS, **extra_builders()}
+    items = []
+    for name, build in builders.items():
+        if a.only and name not in a.only:
+            continue
+        api, notes = build()
+        write_api(name, api)
+        items.append({"name": name, "api": api, "notes": notes, "ui_out": str(WORKFLOWS / f"{name}.json"),
+                      "thumb_out": str(WORKFLOWS / f"{name}.jpg")})
+    if a.api_only:
+        return
+    node_modules = subprocess.run(["bash", str(REPO / "scripts/ui/setup.sh")], check=True, capture_output=True,
+                                  text=True).stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+        with comfyhost.ComfyServer(Path(tmp) / "base", Path(os.environ["COMFYUI_DIR"])) as server:
+            job = Path(tmp) / "job.json"
+            job.write_text(json.dumps({"url": server.url, "mode": "build", "items": items}))
+            out = subprocess.run(["node", str(REPO / "scripts/ui/frontend.mjs"), str(job)], capture_output=True,
+                                 text=True, env=dict(os.environ, NODE_PATH=node_modules), timeout=600)
+            if out.returncode != 0:
+                raise SystemExit(out.stderr[-3000:])
+            print(out.stdout.strip()[-3000:])
+
+
+if __name__ == "__main__":
+    main()
