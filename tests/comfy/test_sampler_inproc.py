@@ -1,9 +1,13 @@
 """The TCD sampler and scheduler inside a real ComfyUI 0.3.75 (imported in-process), on the tiny SD1.5 checkpoint
 and ComfyUI's own model_sampling classes."""
-import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import parity  # noqa: E402  the parity harness shared with the benchmark
 
 
 @pytest.fixture(scope="module")
@@ -81,44 +85,13 @@ def test_img2img_and_inpainting_run(sd15):
     assert not torch.allclose(inpainted[..., 4:], init[..., 4:], atol=1e-2)
 
 
-@pytest.mark.parametrize("pred", ["epsilon", "v_prediction", "sample"])
-@pytest.mark.parametrize("steps", [1, 2, 4, 8, 25])
-@pytest.mark.parametrize("gamma", [0.0, 0.1, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("pred", parity.PREDICTIONS)
+@pytest.mark.parametrize("steps", parity.STEPS)
+@pytest.mark.parametrize("gamma", parity.GAMMAS)
 def test_parity_with_diffusers_using_comfy_model_sampling(pack, pred, steps, gamma):
-    """The pack's sampler on ComfyUI's real EPS / V_PREDICTION / X0 model_sampling vs diffusers' TCDScheduler."""
-    import comfy.model_sampling as cms
-    from diffusers import TCDScheduler
-    from tcd.schedule import tcd_timesteps
-    sample_tcd_comfy = comfy_sampler_fn(pack)
-    kind = {"epsilon": cms.EPS, "v_prediction": cms.V_PREDICTION, "sample": cms.X0}[pred]
-    ms = type("MS", (cms.ModelSamplingDiscrete, kind), {})()
-    shape = (2, 4, 8, 8)
-
-    def net(x_vp, t):
-        t = float(t)
-        return torch.tanh(x_vp * (0.5 + t / 1000.0)) * 0.8 + 0.05 * math.sin(t / 97.0)
-
-    class Wrapped:   # the object layout ComfyUI hands a sampler: KSamplerX0Inpaint -> CFGGuider -> BaseModel
-        class inner_model:
-            class inner_model:
-                model_sampling = ms
-
-        def __call__(self, x, sigma, **_):
-            t = ms.timestep(sigma)
-            return ms.calculate_denoised(sigma, net(ms.calculate_input(sigma, x), int(t[0])), x)
-
-    sched = TCDScheduler(prediction_type=pred)
-    sched.set_timesteps(steps)
-    g = torch.Generator("cpu").manual_seed(11)
-    x = torch.randn(shape, generator=g)
-    for t in sched.timesteps:
-        x = sched.step(net(x, t), t, x, eta=gamma, generator=g).prev_sample
-
-    noise = torch.randn(shape, generator=torch.Generator("cpu").manual_seed(11))
-    sigmas = torch.tensor([float(ms.sigmas[t]) for t in tcd_timesteps(steps)] + [0.0])
-    start = ms.noise_scaling(sigmas[0], noise, torch.zeros(shape), max_denoise=True)
-    got = sample_tcd_comfy(Wrapped(), start, sigmas, extra_args={"seed": 11}, gamma=gamma, disable=True)
-    rel = float((got - x).abs().max() / x.abs().max())
+    """The pack's sampler on ComfyUI's real EPS / V_PREDICTION / X0 model_sampling vs diffusers' TCDScheduler
+    (harness: benchmarks/parity.py, which also records the measured errors)."""
+    rel = parity.relative_error(pred, steps, gamma, comfy_sampler_fn(pack))
     assert rel <= 1e-4, rel
 
 
