@@ -128,3 +128,196 @@ def unet_weight_shapes(model_patcher) -> dict[str, tuple]:
     prefix = "diffusion_model."
     return {k[len(prefix):-len(".weight")]: tuple(v.shape) for k, v in base_model.state_dict().items()
             if k.startswith(prefix) and k.endswith(".weight") and v.ndim >= 2}
+
+
+def model_architecture(model_patcher) -> str:
+    """SD1.x / SD2.x / SDXL for a ComfyUI UNet model (from its class and cross-attention context width), else a
+    description of what it is."""
+    from .lora import CONTEXT_DIM, ARCH_SDXL
+    base_model = getattr(model_patcher, "model", model_patcher)
+    cls = type(base_model).__name__
+    unet_config = getattr(getattr(base_model, "model_config", None), "unet_config", {}) or {}
+    context = unet_config.get("context_dim")
+    if "num_res_blocks" not in unet_config:
+        return f"{cls} (not a UNet model)"
+    arch = CONTEXT_DIM.get(context)
+    if arch == ARCH_SDXL and not cls.startswith("SDXL"):
+        return f"{cls} (UNet with context {context}, not SDXL base)"
+    if arch is None or (arch != ARCH_SDXL and cls not in ("BaseModel", "SD21UNCLIP", "SD15_instructpix2pix")):
+        return f"{cls} (UNet with context {context})"
+    return arch
+
+
+def lora_target_shapes(model_patcher, clip=None) -> dict[str, tuple]:
+    """`lora_*` key base -> weight shape for every weight ComfyUI's own LoRA key map can patch in this model (and
+    CLIP). Built with comfy.lora.model_lora_keys_unet / model_lora_keys_clip, the maps load_lora_for_models uses,
+    so a layer found here is a layer ComfyUI applies."""
+    import comfy.lora
+    shapes = {}
+    if model_patcher is not None:
+        sd = model_patcher.model.state_dict()
+        for key, target in comfy.lora.model_lora_keys_unet(model_patcher.model, {}).items():
+            if key.startswith("lora_unet_") and isinstance(target, str) and target in sd:
+                shapes[key] = tuple(sd[target].shape)
+    if clip is not None:
+        sd = clip.cond_stage_model.state_dict()
+        for key, target in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
+            if key.startswith("lora_te") and isinstance(target, str) and target in sd:
+                shapes[key] = tuple(sd[target].shape)
+    return shapes
+
+
+def _patch_counts(patcher) -> dict:
+    return {k: len(v) for k, v in getattr(patcher, "patches", {}).items()}
+
+
+def patched_since(before: dict, patcher) -> int:
+    """Number of weights that got a new patch compared to the `before` snapshot (_patch_counts)."""
+    after = _patch_counts(patcher)
+    return sum(1 for k, n in after.items() if n > before.get(k, 0))
+
+
+def apply_lora(model, clip, lora_sd: dict, strength_model: float, strength_clip: float):
+    """comfy.sd.load_lora_for_models, plus how many model and CLIP weights it patched.
+
+    Returns (model, clip, n_model_patched, n_clip_patched). A strength of 0 leaves that part untouched (the same
+    object comes back, so its output is the base output exactly), like core LoraLoader does for both at 0.
+    """
+    import comfy.sd
+    use_model = model if strength_model != 0 else None
+    use_clip = clip if clip is not None and strength_clip != 0 else None
+    if use_model is None and use_clip is None:
+        return model, clip, 0, 0
+    before_m = _patch_counts(model) if use_model is not None else {}
+    before_c = _patch_counts(use_clip.patcher) if use_clip is not None else {}
+    new_model, new_clip = comfy.sd.load_lora_for_models(use_model, use_clip, lora_sd, strength_model, strength_clip)
+    n_m = patched_since(before_m, new_model) if new_model is not None else 0
+    n_c = patched_since(before_c, new_clip.patcher) if new_clip is not None else 0
+    return (new_model if new_model is not None else model, new_clip if new_clip is not None else clip, n_m, n_c)
+
+
+def lora_folders() -> list[str]:
+    import folder_paths
+    return list(folder_paths.get_folder_paths("loras"))
+
+
+def lora_names() -> list[str]:
+    import folder_paths
+    return list(folder_paths.get_filename_list("loras"))
+
+
+def lora_path(name: str) -> str:
+    """Full path of a LoRA chosen by name, as folder_paths.get_full_path("loras", name) resolves it, refusing names
+    that leave the loras folders (absolute paths, '..', drive letters). Symlinks placed inside a loras folder
+    are the user's own choice and are followed."""
+    import folder_paths
+    from .files import resolve_inside
+    folders = lora_folders()
+    resolve_inside(folders, name, kind="LoRA", folder_label="loras")   # refuses escapes with a clear message
+    full = folder_paths.get_full_path("loras", name)
+    if full is None:
+        raise ValueError(f"LoRA {name!r} is not in the loras folders ({', '.join(folders)}). Allowed: a file "
+                         f"listed in models/loras. Put the file there and refresh, or pick another name.")
+    return resolve_inside(folders, full, kind="LoRA", folder_label="loras")
+
+
+# ----------------------------------------------------------------------------------------------- training
+TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def training_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The compute dtype of a training run. "auto": fp32 on CPU (bf16 autocast there is ~9x slower, COMFYUI_HOST
+    §2), bf16 where ComfyUI's model management says the device supports it, else fp32."""
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name in table:
+        return table[name]
+    if name != "auto":
+        raise ValueError(f"training dtype {name!r} is not one of {TRAINING_DTYPES}")
+    if device.type == "cpu":
+        return torch.float32
+    if has_comfy():
+        import comfy.model_management as mm
+        if mm.should_use_bf16(device, prioritize_performance=True):
+            return torch.bfloat16
+    return torch.float32
+
+
+def create_lora_adapter(weight: torch.Tensor, rank: int, alpha: float) -> torch.nn.Module:
+    """A trainable LoRA for one weight from ComfyUI's own weight adapters (comfy.weight_adapter LoRAAdapter:
+    lora_up kaiming-uniform, lora_down zeros, so the patched weight starts equal to the base weight)."""
+    from comfy.weight_adapter.lora import LoRAAdapter
+    return LoRAAdapter.create_train(weight, rank=rank, alpha=alpha)
+
+
+def load_for_training(patcher) -> None:
+    """Load the patched model fully onto the compute device, freeing room first, as ComfyUI's TrainLoraNode does
+    (its weight wrappers are attached to the modules by this load)."""
+    import comfy.model_management as mm
+    mm.load_models_gpu([patcher], memory_required=1e20, force_full_load=True)
+
+
+def detach_weight_wrappers(patcher, wrappers) -> None:
+    """Take training weight wrappers off the live modules and off the patcher, so the shared base model computes
+    its plain weights again without waiting for the next load."""
+    ids = {id(w) for w in wrappers}
+    for module in patcher.model.modules():
+        for attr in ("weight_function", "bias_function"):
+            funcs = getattr(module, attr, None)
+            if funcs:
+                setattr(module, attr, [f for f in funcs if id(f) not in ids])
+    for key in list(patcher.weight_wrapper_patches):
+        kept = [f for f in patcher.weight_wrapper_patches[key] if id(f) not in ids]
+        if kept:
+            patcher.weight_wrapper_patches[key] = kept
+        else:
+            del patcher.weight_wrapper_patches[key]
+
+
+def model_cond_item(patcher, conditioning, latent_shape, device) -> dict:
+    """One CONDITIONING (a list of [embedding, options]) as the model's own condition objects for one sample,
+    built the way ComfyUI's samplers build them (convert_cond + encode_model_conds with the model's extra_conds:
+    cross-attention, SDXL pooled/size embeddings, ...). The first entry is used; see batch_model_conds."""
+    import comfy.sampler_helpers
+    import comfy.samplers
+    conds = comfy.sampler_helpers.convert_cond(conditioning[:1])
+    noise = torch.zeros(tuple(latent_shape), dtype=torch.float32)
+    conds = comfy.samplers.encode_model_conds(patcher.model.extra_conds, conds, noise, device, "positive",
+                                              latent_image=noise)
+    return {k: v.process_cond(batch_size=1, area=None) for k, v in conds[0]["model_conds"].items()}
+
+
+def batch_model_conds(items: list) -> dict:
+    """Concatenate per-sample condition objects into apply_model keyword tensors (comfy.samplers.cond_cat)."""
+    import comfy.samplers
+    return comfy.samplers.cond_cat(items)
+
+
+def output_directory() -> str:
+    import folder_paths
+    return folder_paths.get_output_directory()
+
+
+def input_directory() -> str:
+    import folder_paths
+    return folder_paths.get_input_directory()
+
+
+def is_interrupt(exc: BaseException) -> bool:
+    """True for ComfyUI's Cancel (InterruptProcessingException)."""
+    if not has_comfy():
+        return False
+    import comfy.model_management as mm
+    return isinstance(exc, mm.InterruptProcessingException)
+
+
+def sample_latent(patcher, sampler, sigmas, positive, negative, cfg: float, latent: torch.Tensor,
+                  seed: int) -> torch.Tensor:
+    """Sample a latent with a ComfyUI SAMPLER object (e.g. the pack's TCD sampler) through CFGGuider, as
+    SamplerCustomAdvanced does. Returns the un-processed latent (ready for VAE decode)."""
+    import comfy.sample
+    import comfy.samplers
+    guider = comfy.samplers.CFGGuider(patcher)
+    guider.set_conds(positive, negative if negative is not None else positive)
+    guider.set_cfg(cfg)
+    noise = comfy.sample.prepare_noise(latent, seed)
+    return guider.sample(noise, latent, sampler, sigmas, seed=seed, disable_pbar=True)

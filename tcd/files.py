@@ -8,6 +8,7 @@ file, never a half-written one; a crash mid-write leaves at most the `.tmp` file
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -69,3 +70,29 @@ def save_safetensors_atomic(state_dict: dict, path, metadata: dict | None = None
                              f"(convert the values with str() or json.dumps())")
     tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
     return write_bytes_atomic(st_save(tensors, metadata=metadata), path)
+
+
+def resolve_inside(folders, name, kind: str = "file", folder_label: str = "model") -> str:
+    """The path `name` names inside one of `folders` (relative to it, or already absolute inside it); a clear
+    ValueError when it would leave every folder ('../x', '/etc/x', 'C:\\x', a NUL byte).
+
+    The check is lexical (os.path.normpath, no symlink resolution): a link the user puts inside the folder
+    is allowed, a name that climbs out of it is not.
+    """
+    import os
+    name = str(name)
+    if not name or "\x00" in name:
+        raise ValueError(f"invalid {kind} name {name!r}. Allowed: a file name from the {folder_label} folder. "
+                         f"Pick a name from the list.")
+    roots = [os.path.normpath(os.path.abspath(f)) for f in folders]
+    parts = name.replace("\\", "/").split("/")
+    for root in roots:
+        candidate = os.path.normpath(name if os.path.isabs(name) else os.path.join(root, name))
+        if os.path.isabs(name) and candidate.startswith(root + os.sep):
+            return candidate
+        if not os.path.isabs(name) and ".." not in parts and not re.match(r"^[A-Za-z]:", name) \
+                and candidate.startswith(root + os.sep):
+            return candidate
+    raise ValueError(f"{kind} name {name!r} points outside the {folder_label} folders ({', '.join(roots)}). "
+                     f"Allowed: a file inside them (sub-folders are fine, '..' and absolute paths elsewhere are "
+                     f"not). Pick a name from the list.")
