@@ -45,7 +45,7 @@ class Graph:
 
 def lora_loader(g, ckpt_node, lora, strength=1.0):
     return g.add("TCD_LoraLoader", model=g.out(ckpt_node, 0), clip=g.out(ckpt_node, 1), lora_name=lora,
-                 strength_model=strength, strength_clip=strength)
+                 strength_model=strength, strength_clip=strength, on_unmatched="error")
 
 
 def encode(g, clip, positive, negative=NEGATIVE):
@@ -110,10 +110,17 @@ def gamma_comparison():
     lora = lora_loader(g, ckpt, TCD_SD15)
     pos, neg = encode(g, g.out(lora, 1), "portrait of an old fisherman, weathered skin, detailed, soft light")
     latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    # One noise, one schedule, one guider: only gamma differs between the four samples.
+    sigmas = g.add("TCD_Scheduler", model=g.out(lora, 0), steps=4, denoise=1.0, original_steps=50,
+                   denoise_mode="comfyui")
+    noise = g.add("RandomNoise", noise_seed=42)
+    guider = g.add("CFGGuider", model=g.out(lora, 0), positive=g.out(pos), negative=g.out(neg), cfg=1.0)
     images = []
     for gamma in (0.0, 0.3, 0.6, 1.0):
-        sample = custom_advanced(g, g.out(lora, 0), pos, neg, g.out(latent), seed=42, steps=4, gamma=gamma,
-                                 title=f"gamma {gamma}")
+        sampler = g.add("TCD_Sampler", title=f"TCD Sampler (gamma {gamma})", gamma=gamma, gamma_schedule="",
+                        final_step="diffusers")
+        sample = g.add("SamplerCustomAdvanced", noise=g.out(noise), guider=g.out(guider), sampler=g.out(sampler),
+                       sigmas=g.out(sigmas), latent_image=g.out(latent))
         images.append(g.add("VAEDecode", samples=g.out(sample), vae=g.out(ckpt, 2)))
     batch = g.add("ImageBatch", image1=g.out(images[0]), image2=g.out(images[1]))
     batch = g.add("ImageBatch", image1=g.out(batch), image2=g.out(images[2]))

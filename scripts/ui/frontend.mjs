@@ -19,7 +19,11 @@ const { chromium } = require('playwright-core');
 const job = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
 const base = job.url;
 
+// A clean canvas: tutorial done (else the template browser covers it), no minimap.
 await fetch(`${base}/api/settings/Comfy.TutorialCompleted`, { method: 'POST', body: 'true' });
+await fetch(`${base}/api/settings/Comfy.Minimap.Visible`, { method: 'POST', body: 'false' });
+// draw node text even when a whole workflow is zoomed out to fit the screenshot
+await fetch(`${base}/api/settings/LiteGraph.Canvas.MinFontSizeForLOD`, { method: 'POST', body: '1' });
 const browser = await chromium.launch({
   executablePath: '/usr/bin/chromium', headless: true,
   args: ['--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--disable-background-networking',
@@ -36,6 +40,13 @@ async function closeDialogs() {
   await page.keyboard.press('Escape').catch(() => {});
   await page.evaluate(() => {
     document.querySelectorAll('.p-dialog-mask, .comfy-modal').forEach((el) => el.remove());
+    // the "Introducing Nodes 2.0" announcement bar over the canvas
+    for (const el of document.querySelectorAll('div')) {
+      if (el.textContent.trim().startsWith('Introducing Nodes 2.0') && el.querySelectorAll('div').length < 8) {
+        el.remove();
+        break;
+      }
+    }
   });
 }
 
@@ -48,10 +59,10 @@ async function fitAll() {
     const x0 = Math.min(...nodes.map((n) => n.pos[0])), y0 = Math.min(...nodes.map((n) => n.pos[1] - 30));
     const x1 = Math.max(...nodes.map((n) => n.pos[0] + n.size[0]));
     const y1 = Math.max(...nodes.map((n) => n.pos[1] + n.size[1]));
-    const canvas = app.canvas.canvas;
-    const scale = Math.min(1.0, (canvas.width - 120) / (x1 - x0), (canvas.height - 160) / (y1 - y0));
+    const rect = app.canvas.canvas.getBoundingClientRect();
+    const scale = Math.min(1.0, (rect.width - 140) / (x1 - x0), (rect.height - 180) / (y1 - y0));
     app.canvas.ds.scale = scale;
-    app.canvas.ds.offset = [-x0 + 60 / scale, -y0 + 100 / scale];
+    app.canvas.ds.offset = [-x0 + 70 / scale, -y0 + 130 / scale];
     app.graph.setDirtyCanvas(true, true);
   });
   await page.waitForTimeout(500);
@@ -65,10 +76,34 @@ for (const item of job.items) {
       const app = window.app;
       app.graph.clear();
       await app.loadApiJson(api, name + '.json');
-      // Notes: one Note node per explanation, stacked left of the graph.
+      // Layered layout: a node's column is one more than the deepest node feeding it; columns left to right.
       const nodes = app.graph._nodes;
-      let minX = Math.min(...nodes.map((n) => n.pos[0]));
-      let y = Math.min(...nodes.map((n) => n.pos[1]));
+      const depth = new Map();
+      const depthOf = (node) => {
+        if (depth.has(node.id)) return depth.get(node.id);
+        depth.set(node.id, 0);
+        let d = 0;
+        for (const input of node.inputs || []) {
+          const link = input.link != null ? app.graph.links[input.link] : null;
+          if (link) d = Math.max(d, depthOf(app.graph.getNodeById(link.origin_id)) + 1);
+        }
+        depth.set(node.id, d);
+        return d;
+      };
+      const columns = [];
+      for (const node of nodes) (columns[depthOf(node)] ||= []).push(node);
+      let x = 0;
+      for (const column of columns.filter(Boolean)) {
+        let y = 0;
+        for (const node of column) {
+          node.pos = [x, y];
+          y += node.size[1] + 70;
+        }
+        x += Math.max(...column.map((n) => n.size[0])) + 60;
+      }
+      // Notes: one Note node per explanation, stacked left of the graph.
+      let minX = 0;
+      let y = 0;
       for (const text of notes) {
         const note = window.LiteGraph.createNode('Note');
         note.widgets[0].value = text;
