@@ -8,7 +8,7 @@ import torch
 
 from ..tcd import backend
 from ..tcd.sampling import FINAL_STEP_MODES, expand_gamma, parse_gamma_schedule, sample_tcd
-from ..tcd.schedule import DENOISE_MODES, tcd_timesteps, tcd_timesteps_denoised
+from ..tcd.schedule import DENOISE_MODES, sigmas_at_timesteps, tcd_timesteps, tcd_timesteps_denoised
 
 GAMMA_TOOLTIP = ("TCD's gamma (diffusers calls it eta): the fraction of each step that is re-noised. "
                  "0 = deterministic, DDIM-like; 1 = LCM-like. 0.3 is the TCD default; more steps tolerate more gamma. "
@@ -34,8 +34,8 @@ def sample_tcd_comfy(model, x, sigmas, extra_args=None, callback=None, disable=N
 def tcd_sigmas(model_sampling, steps, denoise=1.0, original_steps=50, denoise_mode="comfyui") -> torch.Tensor:
     """SIGMAS at diffusers' TCD timesteps, looked up in the model's own sigma table (TCD_SPEC §2.2)."""
     table = backend.sigma_table(model_sampling)
-    timesteps = tcd_timesteps_denoised(steps, denoise, denoise_mode, original_steps, table.numel())
-    return torch.tensor([float(table[t]) for t in timesteps] + [0.0], dtype=torch.float32)
+    return sigmas_at_timesteps(table, tcd_timesteps_denoised(steps, denoise, denoise_mode, original_steps,
+                                                             table.numel()))
 
 
 def tcd_scheduler_handler(model_sampling, steps):
@@ -44,8 +44,7 @@ def tcd_scheduler_handler(model_sampling, steps):
     KSampler implements denoise itself by asking for int(steps / denoise) steps and keeping the tail.
     """
     table = backend.sigma_table(model_sampling)
-    timesteps = tcd_timesteps(int(steps), 50, 1.0, table.numel())
-    return torch.tensor([float(table[t]) for t in timesteps] + [0.0], dtype=torch.float32)
+    return sigmas_at_timesteps(table, tcd_timesteps(int(steps), 50, 1.0, table.numel()))
 
 
 class TCDSampler:

@@ -97,6 +97,17 @@ def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyu
     raise ValueError(f"denoise mode {mode!r} is not one of {DENOISE_MODES}")
 
 
+def sigmas_at_timesteps(table: torch.Tensor, timesteps: Sequence[int]) -> torch.Tensor:
+    """SIGMAS for a sampler: entries `timesteps` of a model's ascending sigma table, then a final 0 (TCD_SPEC §2.2).
+
+    Using the model's own table (not interpolation) lets ComfyUI's `timestep(sigma)` recover each integer t exactly.
+    """
+    for t in timesteps:
+        if not 0 <= int(t) < table.numel():
+            raise ValueError(f"timestep {t} is outside the model's table 0..{table.numel() - 1}")
+    return torch.tensor([float(table[int(t)]) for t in timesteps] + [0.0], dtype=torch.float32)
+
+
 class DiscreteSchedule:
     """A discrete VP noise schedule seen in sigma (VE) space: sigma_t = sqrt((1 - abar_t) / abar_t).
 
@@ -132,11 +143,7 @@ class DiscreteSchedule:
         return float(self.sigmas[int(t)])
 
     def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
-        """SIGMAS for a sampler: the table entries of `timesteps`, then a final 0 (TCD_SPEC §2.2)."""
-        for t in timesteps:
-            if not 0 <= int(t) < self.num_train_timesteps:
-                raise ValueError(f"timestep {t} is outside the model's table 0..{self.num_train_timesteps - 1}")
-        return torch.tensor([self.sigma_at(t) for t in timesteps] + [0.0], dtype=torch.float32)
+        return sigmas_at_timesteps(self.sigmas, timesteps)
 
     # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space (TCD_SPEC §2.5): VE for discrete VP models.
     @staticmethod
