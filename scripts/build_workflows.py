@@ -181,18 +181,53 @@ def hypersd_1step():
     ]
 
 
+def distill(g, ckpt, steps=2000, lora_name="my_tcd_lora"):
+    """TCD Distill LoRA on a folder of captioned images (every widget spelled out, as the frontend saves them)."""
+    return g.add("TCD_DistillLoRA", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip=g.out(ckpt, 1),
+                 image_folder="tcd_train", resolution=512, steps=steps, batch_size=4, learning_rate=1e-4, rank=64,
+                 alpha=64.0, w_min=3.0, w_max=15.0, original_steps=50, tcf_order=1, ema_decay=0.95, loss="huber",
+                 seed=0, lora_name=lora_name, save_every=500, resume=True, objective="tcd", training_dtype="auto",
+                 gradient_checkpointing=True, warmup_steps=100, max_grad_norm=1.0, validation_every=250,
+                 validation_draws=4, validation_steps=4, validation_gamma=0.3, save_dtype="fp16")
+
+
+def distill_tcd_lora():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    trainer = distill(g, ckpt)
+    g.add("SaveImage", title="Loss curve", filename_prefix="tcd_train/loss", images=g.out(trainer, 2))
+    g.add("SaveImage", title="Validation images", filename_prefix="tcd_train/validation", images=g.out(trainer, 3))
+    return g.nodes, [
+        "Distil a TCD LoRA from the loaded model (the teacher) on your images: put images with same-name .txt "
+        "captions in ComfyUI/input/tcd_train.\nThe teacher is the model with the LoRA switched off: one model "
+        "copy in memory. Progress shows on the node; Cancel keeps a resumable checkpoint (resume: on continues "
+        "it).",
+        "Saved every 500 steps (atomically) to models/loras/my_tcd_lora.safetensors: it appears in the LoRA "
+        "loaders at once.\nw_min / w_max: the teacher's guidance range; tcf_order 2 uses the second-order TCF; "
+        "ema_decay 0.95 is the target network's EMA. Validation every 250 steps: a loss on fixed draws (the loss "
+        "curve) and TCD samples of your first caption.",
+    ]
+
+
+def train_then_sample():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
+    trainer = distill(g, ckpt, steps=500, lora_name="my_tcd_lora_quick")
+    pos, neg = encode(g, g.out(ckpt, 1), "a photo of a cat, detailed")
+    latent = g.add("EmptyLatentImage", width=512, height=512, batch_size=1)
+    ks = g.add("KSampler", seed=0, steps=4, cfg=1.0, sampler_name="tcd", scheduler="tcd", denoise=1.0,
+               model=g.out(trainer, 0), positive=g.out(pos), negative=g.out(neg), latent_image=g.out(latent))
+    decode_save(g, g.out(ks), g.out(ckpt, 2), "tcd_trained_sample")
+    g.add("SaveImage", title="Loss curve", filename_prefix="tcd_train/loss", images=g.out(trainer, 2))
+    return g.nodes, [
+        "Train, then sample with the result in the same run: the trainer's MODEL output already carries the new "
+        "LoRA, so the KSampler (sampler tcd, scheduler tcd, 4 steps, cfg 1) shows what it learned.\nLater, load "
+        "models/loras/my_tcd_lora_quick.safetensors with the TCD LoRA Loader instead of training again.",
+    ]
+
+
 BUILDERS = {f.__name__: f for f in (sd15_tcd_lora_txt2img, sdxl_tcd_custom_advanced, gamma_comparison, img2img,
-                                     inpainting, hypersd_1step)}
-
-
-def extra_builders():
-    """Training workflows live with the trainer's node definitions (train/workflows.py) when present."""
-    try:
-        sys.path.insert(0, str(REPO))
-        from train import workflows as train_workflows
-    except ImportError:
-        return {}
-    return dict(train_workflows.BUILDERS)
+                                     inpainting, hypersd_1step, distill_tcd_lora, train_then_sample)}
 
 
 def write_api(name, api):
@@ -208,9 +243,8 @@ def main():
     ap.add_argument("--only", nargs="*")
     ap.add_argument("--api-only", action="store_true")
     a = ap.parse_args()
-    builders = {**BUILDERS, **extra_builders()}
     items = []
-    for name, build in builders.items():
+    for name, build in BUILDERS.items():
         if a.only and name not in a.only:
             continue
         api, notes = build()

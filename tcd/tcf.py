@@ -41,7 +41,8 @@ def half_log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def vp_from_half_log_snr(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha, sigma) of a VP process at half log-SNR lambda: alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2 lambda)."""
+    """(alpha, sigma) of a VP process at half log-SNR lambda: alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2
+    lambda)."""
     return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
 
 
@@ -83,7 +84,8 @@ def tcf_first_order(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_s: torch.
 
 def tcf_first_order_ei(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
                        alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
-    """The same first-order TCF in the paper's exponential-integrator form (sigma_s/sigma_t) x_t - alpha_s(e^-h - 1) x0."""
+    """The same first-order TCF in the paper's exponential-integrator form:
+    (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) x0_hat."""
     h = half_log_snr(alpha_s, sigma_s) - half_log_snr(alpha_t, sigma_t)
     return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(-h) * x0_hat
 

@@ -4,5 +4,6 @@
   base weights with the LoRA bypassed), with progress, Cancel, checkpoints and exact resume;
 * `dataset`: LATENT + CONDITIONING lists or a folder of captioned images (encoded once, cached);
 * `checkpoint`: resumable training state, written atomically;
-* `plot`: the loss curve as an IMAGE.
+* `plot`: the loss curve as an IMAGE;
+* `accelerate_tcd`: the same objective on diffusers models under HF accelerate (multi-GPU CLI).
 """

@@ -19,3 +19,6 @@ export COMFYUI_DIR HOST_PY HOST_DIR
 # Shared models (the tiny checkpoint ...) live beside the host so they are generated once per host.
 TINY_CKPT="$HOST_DIR/models/tiny_sd15.safetensors"
 export TINY_CKPT
+# Idle OpenMP threads yield instead of spinning: with 2 cores shared by a server and a test process, spinning
+# workers made small training steps 10x slower.
+export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"

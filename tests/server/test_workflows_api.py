@@ -16,7 +16,7 @@ def combo_options(spec):
 
 def test_there_are_workflows_for_every_use_case():
     expected = {"sd15_tcd_lora_txt2img", "sdxl_tcd_custom_advanced", "gamma_comparison", "img2img", "inpainting",
-                "hypersd_1step"}
+                "hypersd_1step", "distill_tcd_lora", "train_then_sample"}
     assert expected <= set(API), expected - set(API)
     assert set(API) == set(workflows.ui_workflows()), "each API workflow has its UI twin and vice versa"
     for name in API:
@@ -51,6 +51,11 @@ def tiny_inputs(server):
     buf = io.BytesIO()
     img.save(buf, "PNG")
     server.upload_image("example.png", buf.getvalue())
+    dataset = server.base / "input" / "tcd_train"      # the trainer workflows' captioned image folder
+    dataset.mkdir(parents=True, exist_ok=True)
+    for i, caption in enumerate(("a red square", "a blue circle")):
+        Image.new("RGB", (64, 64), (40 * i + 60, 90, 200 - 60 * i)).save(dataset / f"img{i}.png")
+        (dataset / f"img{i}.txt").write_text(caption)
     return {"lora": lora.name}
 
 

@@ -40,6 +40,8 @@ def for_tiny_models(api, ckpt="tiny_sd15.safetensors", lora=None, image="example
             inputs["width"] = inputs["height"] = size
         if node["class_type"] == "LoadImage":
             inputs["image"] = image
-        if node["class_type"].startswith("TCD_Distill"):
-            inputs["steps"] = min(inputs.get("steps", train_steps), train_steps)
+        if node["class_type"] == "TCD_DistillLoRA":   # seconds, not hours: tiny data, rank and step count
+            inputs.update(steps=train_steps, resolution=size, batch_size=1, rank=4, alpha=4.0, resume=False,
+                          validation_every=train_steps, validation_draws=1, validation_steps=2,
+                          gradient_checkpointing=False, warmup_steps=0)
     return g
