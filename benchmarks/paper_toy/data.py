@@ -64,9 +64,9 @@ def digits(test_fraction: float = 1 / 3, seed: int = 0) -> ToyData:
                    torch.from_numpy(y_tr).long(), torch.from_numpy(y_te).long())
 
 
-def load(name: str) -> ToyData:
+def load(name: str, **kwargs) -> ToyData:
     if name == "mog2d":
-        return mixture_2d()
+        return mixture_2d(**kwargs)
     if name == "digits":
-        return digits()
+        return digits(**kwargs)
     raise ValueError(f"dataset {name!r} is not one of 'mog2d', 'digits'")

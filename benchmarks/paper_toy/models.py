@@ -8,7 +8,7 @@ from torch import nn
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of integer timesteps 0..999, as in the SD UNet (cos first, like diffusers' flip_sin_to_cos)."""
+    """Sinusoidal embedding of integer timesteps 0..999 as in the SD UNet (cos first: diffusers' flip_sin_to_cos)."""
     half = dim // 2
     freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half)
     args = t.float()[:, None] * freqs[None]
@@ -16,16 +16,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 class ResidualBlock(nn.Module):
+    """h + fc2(silu(fc1(silu(h)) + temb)): the timestep enters every block (cheaply, as a shared additive bias)."""
+
     def __init__(self, width: int):
         super().__init__()
-        self.norm = nn.LayerNorm(width)
         self.fc1 = nn.Linear(width, width)
         self.fc2 = nn.Linear(width, width)
-        self.temb = nn.Linear(width, width)
 
     def forward(self, h: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
-        y = self.fc1(nn.functional.silu(self.norm(h))) + self.temb(temb)
-        return h + self.fc2(nn.functional.silu(y))
+        return h + self.fc2(nn.functional.silu(self.fc1(nn.functional.silu(h)) + temb))
 
 
 class EpsMLP(nn.Module):
@@ -34,15 +33,14 @@ class EpsMLP(nn.Module):
     def __init__(self, dim: int, width: int = 128, depth: int = 3, temb_dim: int = 64):
         super().__init__()
         self.dim, self.width, self.depth, self.temb_dim = dim, width, depth, temb_dim
-        self.temb_dim = temb_dim
         self.temb = nn.Sequential(nn.Linear(temb_dim, width), nn.SiLU(), nn.Linear(width, width))
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
-        self.out = nn.Sequential(nn.LayerNorm(width), nn.SiLU(), nn.Linear(width, dim))
+        self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
-        temb = nn.functional.silu(self.temb(timestep_embedding(t, self.temb_dim)))
-        h = self.inp(x)
+        temb = self.temb(timestep_embedding(t, self.temb_dim))
+        h = self.inp(x) + temb
         for block in self.blocks:
             h = block(h, temb)
         return self.out(h)

@@ -70,9 +70,9 @@ def _diffusers_loop(net, scheduler, n: int, dim: int, nfe: int, seed: int, **ste
     return last.denoised if isinstance(scheduler, LCMScheduler) else x
 
 
-def sample_lcm_student(net, n: int, dim: int, nfe: int, seed: int) -> torch.Tensor:
-    return _diffusers_loop(net, LCMScheduler(**SD_BETAS, timestep_scaling=10.0, original_inference_steps=50),
-                           n, dim, nfe, seed)
+def sample_lcm_student(net, n: int, dim: int, nfe: int, seed: int, original_steps: int = 50) -> torch.Tensor:
+    return _diffusers_loop(net, LCMScheduler(**SD_BETAS, timestep_scaling=10.0,
+                                             original_inference_steps=original_steps), n, dim, nfe, seed)
 
 
 def sample_ddim(net, n: int, dim: int, nfe: int, seed: int) -> torch.Tensor:

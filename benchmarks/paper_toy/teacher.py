@@ -40,7 +40,7 @@ def train_teacher(train: torch.Tensor, alphas_cumprod: torch.Tensor, *, width: i
         opt.step()
         sched.step()
         ema_update(ema, net, ema_decay if step > steps // 10 else 0.0)
-        running += float(loss)
+        running += float(loss.detach())
         if (step + 1) % 50 == 0:
             curve.append(running / 50)
             running = 0.0
