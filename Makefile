@@ -24,3 +24,6 @@ bench: host
 
 clean-host:
 	@$(HOST) rm -rf "$$HOST_DIR"
+
+soak: host
+	@$(HOST) "$$HOST_PY" scripts/soak.py

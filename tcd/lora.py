@@ -61,6 +61,13 @@ UP, DOWN, ALPHA = "up", "down", "alpha"
 UNET, TE, TE1, TE2 = "unet", "te", "te1", "te2"
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle")
+# What a file that is not safetensors usually turns out to be (by its first bytes), named in the error so the user
+# knows what they downloaded: an image, an archive, a saved web page, a Git LFS pointer of an un-pulled clone.
+FILE_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+                   (b"\x1f\x8b", "a gzip archive"), (b"7z\xbc\xaf", "a 7-Zip archive"), (b"Rar!", "a RAR archive"),
+                   (b"version https://git-lfs", "a Git LFS pointer (the real file was never downloaded: "
+                                                "run `git lfs pull` or download the file itself)"),
+                   (b"<", "an HTML/XML page (a login or error page saved in place of the file)"))
 
 # SDXL's added-conditioning MLP: written with its ldm name (see the module docstring).
 SDXL_ADD_EMBEDDING_LDM = {"add_embedding.linear_1": "label_emb.0.0", "add_embedding.linear_2": "label_emb.0.2"}
@@ -136,7 +143,7 @@ def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise _fail(f"{name!r} is empty (0 bytes)", "A LoRA file holds a safetensors header and tensors",
                     "The download or copy did not finish: get the file again")
     with open(path, "rb") as f:
-        head = f.read(9)
+        head = f.read(32)
     header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
     looks_safetensors = header_len is not None and header_len <= size - 8 and head[8:9] == b"{"
     # Zip (torch.save since 1.6) starts with PK\x03\x04, a raw pickle with \x80 and the protocol (2..5). Checked
@@ -151,6 +158,13 @@ def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise _fail(f"{name!r} is truncated ({size} bytes, shorter than the 8-byte safetensors header length)",
                     "A safetensors file starts with an 8-byte header length, a JSON header, then the tensors",
                     "The download or copy did not finish: get the file again")
+    if len(head) >= 9 and head[8:9] != b"{":
+        # The safetensors format requires the JSON header to begin with '{' (0x7B) right after its 8-byte length.
+        kind = next((what for magic, what in FILE_SIGNATURES if head.lstrip().startswith(magic)), None)
+        raise _fail(f"{name!r} is not a safetensors file: "
+                    + (f"it is {kind}" if kind else f"it starts with the bytes {head[:12].hex(' ')}"),
+                    "A safetensors LoRA starts with an 8-byte header length and a JSON header beginning with '{'",
+                    "Download the LoRA's .safetensors file again (the file itself, not its web page)")
     if header_len > size - 8:
         raise _fail(f"{name!r} is truncated or not safetensors: its header claims {header_len} bytes but the file "
                     f"has {size}", "A complete safetensors file is needed",

@@ -70,13 +70,25 @@ def seeded_noise_sampler(x: torch.Tensor, seed: int, skip_first: bool = True) ->
     return sample
 
 
+def _values(sigmas: torch.Tensor, limit: int = 12) -> str:
+    values = [round(float(v), 6) for v in sigmas.flatten()[:limit]]
+    return str(values)[:-1] + (f", ... ({sigmas.numel() - limit} more)]" if sigmas.numel() > limit else "]")
+
+
 def check_sigmas(sigmas: torch.Tensor) -> None:
+    """Refuse SIGMAS no sampling loop can run, naming what was given, what is allowed and the usual cause."""
     if sigmas.ndim != 1 or sigmas.numel() < 2:
-        raise ValueError(f"SIGMAS must hold at least 2 values (a start and an end), got shape {tuple(sigmas.shape)}")
+        raise ValueError(f"SIGMAS must hold at least 2 values (a start and an end), got shape {tuple(sigmas.shape)}: "
+                         f"{_values(sigmas)}. Fewer than two values leave no step to take: SplitSigmas at step 0 "
+                         f"(high_sigmas) or at the last step (low_sigmas) gives one; split at a step in between, or "
+                         f"connect the TCD Scheduler directly")
     if not torch.isfinite(sigmas).all():
-        raise ValueError(f"SIGMAS contain NaN or inf: {sigmas.tolist()}")
+        raise ValueError(f"SIGMAS contain NaN or inf: {_values(sigmas)}. Allowed: finite noise levels >= 0; check the "
+                         f"node that made them (a NaN or extreme value typed into a scheduler or SetFirstSigma)")
     if (sigmas < 0).any() or (sigmas[1:] > sigmas[:-1]).any():
-        raise ValueError(f"SIGMAS must be non-negative and non-increasing, got {sigmas.tolist()}")
+        raise ValueError(f"SIGMAS must be non-negative and non-increasing (from high noise down to 0), got "
+                         f"{_values(sigmas)}. Sampling removes noise step by step; remove FlipSigmas or use the TCD "
+                         f"Scheduler")
 
 
 @torch.no_grad()

@@ -28,7 +28,10 @@ def load_state(path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, ...
-        raise ValueError(f"the training checkpoint {str(path)!r} cannot be read ({type(e).__name__}: {e}). "
+        # torch's own text is left out on purpose: for a non-archive it advises weights_only=False, which would
+        # run code from an untrusted file.
+        raise ValueError(f"the training checkpoint {str(path)!r} cannot be read ({type(e).__name__}): it is not a "
+                         f"complete checkpoint written by this trainer (truncated, or another kind of file). "
                          f"Delete it to start over, or turn resume off") from None
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise ValueError(f"{str(path)!r} is not a training checkpoint of this trainer (format "
