@@ -31,33 +31,12 @@ def sample_tcd_comfy(model, x, sigmas, extra_args=None, callback=None, disable=N
     return x
 
 
-# Continuous-time model sampling (core's ModelSamplingContinuousEDM and its subclass ModelSamplingContinuousV: EDM
-# checkpoints such as Playground v2.5 or CosXL, or those nodes put in front of any model). Their `sigmas` buffer is a
-# log-spaced lookup table kept "for compatibility with some schedulers", not the timesteps of a discrete training
-# schedule, so TCD timesteps (indices of such a schedule) would silently pick arbitrary noise levels there.
-CONTINUOUS_SAMPLING = ("ModelSamplingContinuousEDM",)
 KSAMPLER_GRID = 50      # the `tcd` entry of KSampler's scheduler list uses diffusers' default original_steps
-
-
-def timestep_table(model_sampling) -> torch.Tensor:
-    """The model's discrete sigma table that TCD timesteps index, or a clear error for continuous-time sampling."""
-    # Core's ModelSampling* nodes build a class named ModelSamplingAdvanced on top of the base: name the base.
-    continuous = [c.__name__ for c in type(model_sampling).__mro__ if c.__name__ != "ModelSamplingAdvanced"
-                  and any(b.__name__ in CONTINUOUS_SAMPLING for b in c.__mro__)]
-    if continuous:
-        lo, hi = (float(getattr(model_sampling, k)) for k in ("sigma_min", "sigma_max"))
-        raise ValueError(f"the model's sampling is {continuous[0]} (continuous-time sigmas "
-                         f"{lo:.4g}..{hi:.4g}, from an EDM checkpoint or a ModelSamplingContinuousEDM/V node): it has "
-                         f"no discrete timesteps for TCD timesteps to pick. Allowed: a discrete schedule (SD1.x, "
-                         f"SD2.x, SDXL; eps, v_prediction or x0) or a flow schedule (SD3, Flux). Remove that node, or "
-                         f"make the SIGMAS with a core scheduler (karras, exponential) and sample them with the TCD "
-                         f"Sampler")
-    return backend.sigma_table(model_sampling)
 
 
 def tcd_sigmas(model_sampling, steps, denoise=1.0, original_steps=50, denoise_mode="comfyui") -> torch.Tensor:
     """SIGMAS at diffusers' TCD timesteps, looked up in the model's own sigma table (TCD_SPEC §2.2)."""
-    table = timestep_table(model_sampling)
+    table = backend.sigma_table(model_sampling)
     return sigmas_at_timesteps(table, tcd_timesteps_denoised(steps, denoise, denoise_mode, original_steps,
                                                              table.numel()))
 
@@ -67,7 +46,7 @@ def tcd_scheduler_handler(model_sampling, steps):
 
     KSampler implements denoise itself by asking for int(steps / denoise) steps and keeping the tail.
     """
-    table = timestep_table(model_sampling)
+    table = backend.sigma_table(model_sampling)
     if int(steps) > KSAMPLER_GRID:
         # KSampler has no original_steps input: say what it can do instead of tcd_timesteps' generic advice.
         raise ValueError(f"the 'tcd' scheduler was asked for {int(steps)} steps, but it picks its timesteps from "

@@ -55,12 +55,35 @@ def schedule_for(model_sampling):
     return DiscreteSchedule(table.detach().float().cpu())
 
 
+# Continuous-time model sampling (core's ModelSamplingContinuousEDM and its subclass ModelSamplingContinuousV: EDM
+# checkpoints such as Playground v2.5 or CosXL, or those nodes put in front of any model). Their `sigmas` buffer is a
+# log-spaced lookup table kept "for compatibility with some schedulers", not the timesteps of a discrete training
+# schedule, so TCD timesteps (indices of such a schedule) would silently pick arbitrary noise levels there.
+CONTINUOUS_SAMPLING = ("ModelSamplingContinuousEDM",)
+
+
+def _refuse_continuous(model_sampling) -> None:
+    # Core's ModelSampling* nodes build a class named ModelSamplingAdvanced on top of the base: name the base.
+    continuous = [c.__name__ for c in type(model_sampling).__mro__ if c.__name__ != "ModelSamplingAdvanced"
+                  and any(b.__name__ in CONTINUOUS_SAMPLING for b in c.__mro__)]
+    if continuous:
+        lo, hi = (float(getattr(model_sampling, k)) for k in ("sigma_min", "sigma_max"))
+        raise ValueError(f"the model's sampling is {continuous[0]} (continuous-time sigmas "
+                         f"{lo:.4g}..{hi:.4g}, from an EDM checkpoint or a ModelSamplingContinuousEDM/V node): it has "
+                         f"no discrete timesteps for TCD timesteps to pick. Allowed: a discrete schedule (SD1.x, "
+                         f"SD2.x, SDXL; eps, v_prediction or x0) or a flow schedule (SD3, Flux). Remove that node, or "
+                         f"make the SIGMAS with a core scheduler (karras, exponential) and sample them with the TCD "
+                         f"Sampler")
+
+
 def sigma_table(model_sampling) -> torch.Tensor:
-    """The model's ascending sigma table (float32, CPU) that TCD timesteps index into."""
+    """The model's ascending sigma table (float32, CPU) that TCD timesteps index, or a clear error for LCM-patched
+    and continuous-time sampling (the TCD Sampler itself still runs on a continuous model's core SIGMAS)."""
     table = getattr(model_sampling, "sigmas", None)
     if not isinstance(table, torch.Tensor) or table.ndim != 1 or table.numel() < 2:
         raise ValueError(f"{type(model_sampling).__name__} has no discrete sigma table for TCD timesteps")
     schedule_for(model_sampling)  # refuses LCM-patched sampling with its message
+    _refuse_continuous(model_sampling)
     return table.detach().float().cpu()
 
 
