@@ -39,17 +39,26 @@ def model_sampling_of(model):
     raise TypeError(f"cannot find the model_sampling of {type(model).__name__}: TCD needs a ComfyUI model")
 
 
-def schedule_for(model_sampling):
-    """The TCD schedule (tcd.schedule) matching a ComfyUI model_sampling object, or a clear error."""
+def _refuse_lcm(model_sampling) -> None:
     names = _mro_names(model_sampling)
     if "ModelSamplingDiscreteDistilled" in names or "LCM" in names:
         raise ValueError("this model's sampling is patched to LCM (ModelSamplingDiscrete 'lcm', 50-step distilled "
                          "grid with c_skip/c_out); TCD needs the model's base eps / v_prediction sampling: remove "
                          "that node or set it to 'eps' / 'v_prediction'")
-    if "CONST" in names:
-        return FlowSchedule()
+
+
+def _table_or_none(model_sampling):
     table = getattr(model_sampling, "sigmas", None)
-    if not isinstance(table, torch.Tensor) or table.ndim != 1 or table.numel() < 2:
+    return table if isinstance(table, torch.Tensor) and table.ndim == 1 and table.numel() >= 2 else None
+
+
+def schedule_for(model_sampling):
+    """The TCD schedule (tcd.schedule) matching a ComfyUI model_sampling object, or a clear error."""
+    _refuse_lcm(model_sampling)
+    if "CONST" in _mro_names(model_sampling):
+        return FlowSchedule()
+    table = _table_or_none(model_sampling)
+    if table is None:
         raise ValueError(f"{type(model_sampling).__name__} has no discrete sigma table; TCD needs a discrete "
                          f"(SD1.x/SD2.x/SDXL) or flow (SD3/Flux) noise schedule")
     return DiscreteSchedule(table.detach().float().cpu())
@@ -79,10 +88,10 @@ def _refuse_continuous(model_sampling) -> None:
 def sigma_table(model_sampling) -> torch.Tensor:
     """The model's ascending sigma table (float32, CPU) that TCD timesteps index, or a clear error for LCM-patched
     and continuous-time sampling (the TCD Sampler itself still runs on a continuous model's core SIGMAS)."""
-    table = getattr(model_sampling, "sigmas", None)
-    if not isinstance(table, torch.Tensor) or table.ndim != 1 or table.numel() < 2:
+    table = _table_or_none(model_sampling)
+    if table is None:
         raise ValueError(f"{type(model_sampling).__name__} has no discrete sigma table for TCD timesteps")
-    schedule_for(model_sampling)  # refuses LCM-patched sampling with its message
+    _refuse_lcm(model_sampling)
     _refuse_continuous(model_sampling)
     return table.detach().float().cpu()
 

@@ -117,6 +117,19 @@ class _ConsistencyDistillation:
         alpha, sigma = vp_alpha_sigma(self.alphas_cumprod, t, x0.ndim)
         return alpha * x0.float() + sigma * noise
 
+    def teacher_pair(self, teacher: Model, x0: torch.Tensor, cond, uncond, generator):
+        """One iteration's draws and the two points both objectives compare from.
+
+        t_{n+k} on the grid and t_n one skip below; x_{t_{n+k}} by forward noising; x_{t_n} by one guided DDIM
+        step of the teacher. Returns (end_index, w, t_{n+k}, t_n, x_{t_{n+k}}, teacher's x_{t_n}).
+        """
+        index, end_index, noise, w = self.draw(x0, generator)
+        t_start = self.grid_timestep(index).to(x0.device)
+        t_end = (t_start - self.skip).clamp(min=0)
+        x_start = self.noised(x0, t_start, noise.to(x0.device))
+        x_prev = self.teacher_step(teacher, x_start, t_start, t_end, cond, uncond, w)
+        return end_index, w, t_start, t_end, x_start, x_prev
+
 
 class TCDLoss(_ConsistencyDistillation):
     """Trajectory consistency distillation: student and target TCFs meet at a random s <= t_n (TCD_SPEC §3-4)."""
@@ -131,16 +144,10 @@ class TCDLoss(_ConsistencyDistillation):
 
     def __call__(self, student: Model, target: Model, teacher: Model, x0: torch.Tensor, cond,
                  uncond=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
-        index, end_index, noise, w = self.draw(x0, generator)
-        device = x0.device
-        # 1-2. t_{n+k} on the grid, t_n one skip below, s on the grid at or below t_n (rootonchair's TCD trainer)
-        t_start = self.grid_timestep(index).to(device)
-        t_end = (t_start - self.skip).clamp(min=0)
-        s = (end_index * self.skip - 1).clamp(min=0).to(device)
-        # 3. forward noising
-        x_start = self.noised(x0, t_start, noise.to(device))
-        # 4. guided teacher, one DDIM step t_{n+k} -> t_n
-        x_prev = self.teacher_step(teacher, x_start, t_start, t_end, cond, uncond, w)
+        # 1-4. t_{n+k}, t_n, x_{t_{n+k}} and the teacher's x_{t_n} (shared with LCM)
+        end_index, w, t_start, t_end, x_start, x_prev = self.teacher_pair(teacher, x0, cond, uncond, generator)
+        # s on the grid at or below t_n (rootonchair's TCD trainer)
+        s = (end_index * self.skip - 1).clamp(min=0).to(x0.device)
         abar = self.alphas_cumprod
         # 5. target TCF under no_grad from the teacher's point
         with torch.no_grad():
@@ -185,12 +192,7 @@ class LCMLoss(_ConsistencyDistillation):
     def __call__(self, student: Model, target: Model, teacher: Model, x0: torch.Tensor, cond,
                  uncond=None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         # Same draws as TCDLoss (end_index unused), so both objectives see the same t, noise and w for one seed.
-        index, _, noise, w = self.draw(x0, generator)
-        device = x0.device
-        t_start = self.grid_timestep(index).to(device)
-        t_end = (t_start - self.skip).clamp(min=0)
-        x_start = self.noised(x0, t_start, noise.to(device))
-        x_prev = self.teacher_step(teacher, x_start, t_start, t_end, cond, uncond, w)
+        _, w, t_start, t_end, x_start, x_prev = self.teacher_pair(teacher, x0, cond, uncond, generator)
         with torch.no_grad():
             tgt = self.consistency_function(target, x_prev, t_end, cond)
         pred = self.consistency_function(student, x_start, t_start, cond)
