@@ -54,7 +54,7 @@ def encode(g, clip, positive, negative=NEGATIVE):
 
 
 def custom_advanced(g, model, pos, neg, latent, seed, steps, gamma, denoise=1.0, cfg=1.0, title=None):
-    sampler = g.add("TCD_Sampler", gamma=gamma, gamma_schedule="", final_step="diffusers")
+    sampler = g.add("TCD_Sampler", gamma=gamma, gamma_schedule="", final_step="diffusers", tcf_order=1)
     sigmas = g.add("TCD_Scheduler", model=model, steps=steps, denoise=denoise, original_steps=50,
                    denoise_mode="comfyui")
     noise = g.add("RandomNoise", noise_seed=seed)
@@ -118,7 +118,7 @@ def gamma_comparison():
     images = []
     for gamma in (0.0, 0.3, 0.6, 1.0):
         sampler = g.add("TCD_Sampler", title=f"TCD Sampler (gamma {gamma})", gamma=gamma, gamma_schedule="",
-                        final_step="diffusers")
+                        final_step="diffusers", tcf_order=1)
         sample = g.add("SamplerCustomAdvanced", noise=g.out(noise), guider=g.out(guider), sampler=g.out(sampler),
                        sigmas=g.out(sigmas), latent_image=g.out(latent))
         images.append(g.add("VAEDecode", samples=g.out(sample), vae=g.out(ckpt, 2)))

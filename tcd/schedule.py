@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 DENOISE_MODES = ("comfyui", "diffusers_strength", "diffusers_pipeline")
+MIDPOINT_RATIO = 0.5    # r of DPM-Solver++(2S): u halfway between t and s in lambda
 
 
 def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -166,6 +167,27 @@ class DiscreteSchedule:
         t_s = int(torch.floor((1 - gamma) * t_next).long())
         return min(self.sigma_at(t_s), sigma_next) if sigma_next > 0 else self.sigma_at(t_s)
 
+    def sigma_mid(self, sigma_t: float, sigma_s: float, r: float = MIDPOINT_RATIO) -> float:
+        """sigma of the second-order TCF's intermediate point u, lambda_u = lambda_t + r (lambda_s - lambda_t),
+        snapped to the table (a discrete model only saw its table's noise levels in training).
+
+        Here a = 1 and b = sigma, so lambda = log(a / b) = -log(sigma) and "nearest in lambda" is ComfyUI's own
+        nearest-log-sigma rule. u is the entry nearest to lambda_u among those in [sigma_s, sigma_t): strictly below
+        t (u = t would make r = 0), and for r = 1/2 strictly above s whenever an entry lies between s and t (one is
+        always nearer to the midpoint than s). With none between them (adjacent timesteps) u = s, i.e. r = 1: the
+        exponential-Heun form of DPM-Solver-2, still second order. On grid points this is exactly
+        `tcd.tcf.midpoint_timesteps`, the midpoint the trainer's second-order TCF uses. An empty jump
+        (sigma_s >= sigma_t) gives sigma_t.
+        """
+        _check_midpoint_args(sigma_t, sigma_s, r)
+        if sigma_s >= sigma_t:
+            return float(sigma_t)
+        log_u = (1.0 - r) * math.log(sigma_t) + r * math.log(sigma_s)
+        candidates = self.sigmas[(self.sigmas >= sigma_s) & (self.sigmas < sigma_t)]
+        if candidates.numel() == 0:
+            return float(sigma_s)
+        return float(candidates[torch.argmin((candidates.double().log() - log_u).abs())])
+
 
 class FlowSchedule:
     """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
@@ -187,3 +209,34 @@ class FlowSchedule:
     @staticmethod
     def sigma_s(sigma_next: float, gamma: float) -> float:
         return (1.0 - gamma) * sigma_next
+
+    @staticmethod
+    def half_log_snr(sigma: float) -> float:
+        """lambda = log(a / b) = log((1 - sigma) / sigma), finite for 0 < sigma < 1."""
+        return math.log((1.0 - sigma) / sigma)
+
+    @staticmethod
+    def sigma_mid(sigma_t: float, sigma_s: float, r: float = MIDPOINT_RATIO) -> float:
+        """sigma of the second-order TCF's intermediate point u: lambda_u = lambda_t + r (lambda_s - lambda_t) exactly
+        (flow models take continuous time, so no snapping): sigma_u = 1 / (1 + e^{lambda_u}).
+
+        Needs a finite h: 0 < sigma_s and sigma_t < 1 (pure noise, a_t = 0, and the clean endpoint, b_s = 0, sit at
+        lambda = -inf and +inf). An empty jump (sigma_s >= sigma_t) gives sigma_t.
+        """
+        _check_midpoint_args(sigma_t, sigma_s, r)
+        if sigma_t >= 1.0:
+            raise ValueError(f"sigma_t={sigma_t} is pure noise (a_t = 0, lambda_t = -inf): the second-order TCF has no "
+                             f"midpoint there; take a first-order jump from sigma = 1")
+        if sigma_s >= sigma_t:
+            return float(sigma_t)
+        lam_t = FlowSchedule.half_log_snr(sigma_t)
+        lam_u = lam_t + r * (FlowSchedule.half_log_snr(sigma_s) - lam_t)
+        return 1.0 / (1.0 + math.exp(lam_u))
+
+
+def _check_midpoint_args(sigma_t: float, sigma_s: float, r: float) -> None:
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"midpoint ratio r={r} must be in (0, 1]; 0.5 is DPM-Solver++(2S)'s midpoint")
+    if not sigma_s > 0:
+        raise ValueError(f"sigma_s={sigma_s} is the clean endpoint (b_s = 0, lambda_s = +inf): the second-order TCF "
+                         f"has no midpoint there; take a first-order jump to sigma = 0")
