@@ -20,17 +20,27 @@ from .models import DigitCNN
 
 
 # ------------------------------------------------------------------------------------------------ 2-D mixture
-def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 64, seed: int = 0) -> float:
-    """sqrt(E_theta W2^2(theta.x, theta.y)) over fixed random unit directions (the same for every evaluation; 64
-    cover the half-circle of 2-D directions every ~3 degrees); the 1-D W2 of two equal-size samples is exact from
-    the sorted projections (the monotone coupling)."""
+def projection_directions(dim: int, projections: int = 64, seed: int = 0) -> torch.Tensor:
+    """Fixed random unit directions [dim, projections] (the same for every evaluation; 64 cover the half-circle of
+    2-D directions every ~3 degrees)."""
+    g = torch.Generator().manual_seed(seed)
+    theta = torch.randn(dim, projections, generator=g)
+    return theta / theta.norm(dim=0, keepdim=True)
+
+
+def sorted_projections(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    return (x.float() @ theta).sort(dim=0).values
+
+
+def sliced_wasserstein(x: torch.Tensor, y: torch.Tensor, projections: int = 64, seed: int = 0,
+                       y_sorted: torch.Tensor | None = None) -> float:
+    """sqrt(E_theta W2^2(theta.x, theta.y)) over `projection_directions`; the 1-D W2 of two equal-size samples is
+    exact from the sorted projections (the monotone coupling). y_sorted: y's sorted projections, if already known."""
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"sliced_wasserstein needs equal sample counts, got {x.shape[0]} and {y.shape[0]}")
-    g = torch.Generator().manual_seed(seed)
-    theta = torch.randn(x.shape[1], projections, generator=g)
-    theta = theta / theta.norm(dim=0, keepdim=True)
-    px, py = (x.float() @ theta).sort(dim=0).values, (y.float() @ theta).sort(dim=0).values
-    return float((px - py).double().pow(2).mean().sqrt())
+    theta = projection_directions(x.shape[1], projections, seed)
+    py = sorted_projections(y, theta) if y_sorted is None else y_sorted
+    return float((sorted_projections(x, theta) - py).double().pow(2).mean().sqrt())
 
 
 def mmd_rbf(x: torch.Tensor, y: torch.Tensor, bandwidths=(0.1, 0.3, 1.0)) -> float:
@@ -60,12 +70,15 @@ def mode_spread_ratio(x: torch.Tensor, centers: torch.Tensor, std: float) -> flo
 class MixtureEvaluator:
     def __init__(self, test: torch.Tensor, centers: torch.Tensor, std: float, mmd_points: int = 1000):
         self.test, self.centers, self.std, self.mmd_points = test, centers, std, mmd_points
+        self._sorted: dict[int, torch.Tensor] = {}     # the held-out set's sorted projections, per sample count
 
     @torch.no_grad()
     def __call__(self, samples: torch.Tensor, labels=None, light: bool = False) -> dict:
         """light: the primary metric and the spread only (selection and convergence probes)."""
         n = samples.shape[0]
-        out = {"sw": sliced_wasserstein(samples, self.test[:n]),
+        if n not in self._sorted:
+            self._sorted[n] = sorted_projections(self.test[:n], projection_directions(self.test.shape[1]))
+        out = {"sw": sliced_wasserstein(samples, self.test[:n], y_sorted=self._sorted[n]),
                "spread": mode_spread_ratio(samples, self.centers, self.std)}
         if not light:
             k = min(self.mmd_points, n)   # MMD is O(n^2): the first k samples of each set (both are i.i.d. draws)

@@ -21,44 +21,55 @@ import math
 import torch
 
 from tcd.losses import ICT_HUBER_C_PER_SQRT_DIM
-from tcd.tcf import trajectory_consistency_function
 
 from .data import GaussianMixture2D
 
 
 class ExactDenoiser:
-    """E[x0 | x_t] of an equal-weight isotropic Gaussian mixture under x_t = alpha_t x0 + sigma_t eps (VP)."""
+    """E[x0 | x_t] of an equal-weight isotropic Gaussian mixture under x_t = alpha x0 + sigma eps (VP)."""
 
     def __init__(self, mixture: GaussianMixture2D, alphas_cumprod: torch.Tensor):
         self.mu = mixture.centers.double()
         self.var0 = mixture.std ** 2
         self.abar = alphas_cumprod.double()
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        abar = self.abar[t.long()].reshape(-1, 1)
-        alpha, var_noise = abar.sqrt(), 1 - abar
-        var = alpha ** 2 * self.var0 + var_noise                               # [B, 1] per-component variance
+    def at(self, x: torch.Tensor, alpha: float, sigma: float) -> torch.Tensor:
+        """The posterior mean at any (alpha, sigma). Every component of x_t has variance v = alpha^2 s^2 + sigma^2;
+        its posterior mean is mu_k + g (x - alpha mu_k) with g = alpha s^2 / v, so with responsibilities r_k
+        E[x0 | x] = g x + (1 - g alpha) sum_k r_k mu_k, r = softmax((alpha x.mu_k - alpha^2 |mu_k|^2 / 2) / v)."""
+        var = alpha ** 2 * self.var0 + sigma ** 2
+        gain = alpha * self.var0 / var
         x = x.double()
-        d2 = ((x[:, None, :] - alpha[:, None, :] * self.mu[None]) ** 2).sum(-1)   # [B, K]
-        resp = torch.softmax(-d2 / (2 * var), dim=1)                           # equal weights, equal variances
-        gain = (alpha * self.var0 / var)[:, :, None]                           # [B, 1, 1]
-        post = self.mu[None] + gain * (x[:, None, :] - alpha[:, None, :] * self.mu[None])
-        return (resp[:, :, None] * post).sum(1)
+        logits = (alpha * (x @ self.mu.T) - 0.5 * alpha ** 2 * (self.mu ** 2).sum(1)) / var
+        return gain * x + (1 - gain * alpha) * (torch.softmax(logits, dim=1) @ self.mu)
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """At integer timesteps t (one for the whole batch), as tcd.tcf's x0_fn(x, t)."""
+        abar = float(self.abar[int(t.flatten()[0])])
+        return self.at(x, abar ** 0.5, (1 - abar) ** 0.5)
 
 
-def ode_states(denoiser: ExactDenoiser, x_t: torch.Tensor, t: int, targets: list[int], stride: int = 4
+def ode_states(denoiser: ExactDenoiser, x_t: torch.Tensor, t: int, targets: list[int], stride: int = 8
                ) -> dict[int, torch.Tensor]:
-    """The exact PF-ODE from (x_t, t) down to timestep 0, recorded at `targets` (second-order TCF steps of at most
-    `stride` timesteps with the exact denoiser: converged to well below the metrics' noise)."""
-    grid = sorted(set(range(t, 0, -stride)) | set(targets) | {0}, reverse=True)
-    grid = [g for g in grid if g <= t]
-    n = x_t.shape[0]
+    """The exact PF-ODE from (x_t, t) down to timestep 0, recorded at `targets`.
+
+    DPM-Solver-2 (the exponential integrator with a midpoint in lambda = log(alpha / sigma), Lu et al. 2022) with the
+    exact denoiser, in steps of at most `stride` timesteps. With stride 8 the endpoint is within ~0.002 RMS of the
+    stride-1 solution (the mixture's modes have std 0.08; sliced W2's floor at these sizes is ~0.02)."""
+    grid = sorted({g for g in set(range(t, 0, -stride)) | set(targets) | {0} if g <= t}, reverse=True)
+    abar = denoiser.abar
     x, out = x_t.double(), {}
     if t in targets:
         out[t] = x
-    abar = denoiser.abar
     for a, b in zip(grid[:-1], grid[1:]):
-        x = trajectory_consistency_function(denoiser, x, torch.full((n,), a), torch.full((n,), b), abar, order=2)
+        al_a, si_a = float(abar[a]) ** 0.5, float(1 - abar[a]) ** 0.5
+        al_b, si_b = float(abar[b]) ** 0.5, float(1 - abar[b]) ** 0.5
+        lam_a, lam_b = math.log(al_a / si_a), math.log(al_b / si_b)
+        lam_m = 0.5 * (lam_a + lam_b)
+        al_m, si_m = math.sqrt(1 / (1 + math.exp(-2 * lam_m))), math.sqrt(1 / (1 + math.exp(2 * lam_m)))
+        h = lam_b - lam_a
+        x_m = (si_m / si_a) * x - al_m * math.expm1(-h / 2) * denoiser.at(x, al_a, si_a)
+        x = (si_b / si_a) * x - al_b * math.expm1(-h) * denoiser.at(x_m, al_m, si_m)
         if b in targets:
             out[b] = x
     return out
