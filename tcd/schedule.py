@@ -36,7 +36,7 @@ def origin_grid(original_steps: int = 50, strength: float = 1.0, num_train_times
 
     diffusers: k = T // original_steps, origin = [1 .. int(original_steps * strength)] * k - 1, i.e. {19, 39, ..., 999}
     for the default 50 steps. original_steps = T gives every timestep [0 .. int(T * strength) - 1], which is also what
-    diffusers does whenever `original_inference_steps` is passed explicitly (TCD_SPEC §1.2 quirk: 999/749/499/249).
+    diffusers does whenever `original_inference_steps` is passed explicitly (a diffusers quirk: 999/749/499/249).
     """
     if not 1 <= original_steps <= num_train_timesteps:
         raise ValueError(f"original_steps={original_steps} is outside 1..{num_train_timesteps}; "
@@ -69,7 +69,8 @@ def tcd_timesteps(steps: int, original_steps: int = 50, strength: float = 1.0,
 
 def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyui", original_steps: int = 50,
                            num_train_timesteps: int = 1000) -> list[int]:
-    """TCD timesteps for partial denoising (img2img / inpaint), in one of three semantics (TCD_SPEC §2.2):
+    """TCD timesteps for partial denoising (img2img / inpaint), in one of three semantics (the README's
+    "denoise" paragraph):
 
     * ``comfyui``: KSampler's rule, a schedule of int(steps / denoise) steps of which the last `steps` run.
     * ``diffusers_strength``: `TCDScheduler.set_timesteps(steps, strength=denoise)`; the grid itself is cut
@@ -99,7 +100,7 @@ def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyu
 
 
 def sigmas_at_timesteps(table: torch.Tensor, timesteps: Sequence[int]) -> torch.Tensor:
-    """SIGMAS for a sampler: entries `timesteps` of a model's ascending sigma table, then a final 0 (TCD_SPEC §2.2).
+    """SIGMAS for a sampler: entries `timesteps` of a model's ascending sigma table, then a final 0.
 
     Using the model's own table (not interpolation) lets ComfyUI's `timestep(sigma)` recover each integer t exactly.
     """
@@ -135,7 +136,7 @@ class DiscreteSchedule:
         return self.sigmas.numel()
 
     def timestep(self, sigma: float) -> int:
-        """Nearest integer timestep of `sigma` (0 for sigma == 0, where log would be -inf: TCD_SPEC §6.5)."""
+        """Nearest integer timestep of `sigma` (0 for sigma == 0, where log would be -inf)."""
         if sigma <= 0:
             return 0
         return int(torch.argmin((math.log(sigma) - self.log_sigmas).abs()))
@@ -146,7 +147,7 @@ class DiscreteSchedule:
     def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
         return sigmas_at_timesteps(self.sigmas, timesteps)
 
-    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space (TCD_SPEC §2.5): VE for discrete VP models.
+    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space: VE for discrete VP models (a = 1, b = sigma).
     @staticmethod
     def a(sigma: float) -> float:
         return 1.0
@@ -193,7 +194,7 @@ class FlowSchedule:
     """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
 
     No discrete TCD reference exists for flow models; the target time is taken in the model's native time,
-    sigma_s = (1 - gamma) * sigma_next (TCD_SPEC §2.5), never through the shift-dependent timestep round trip.
+    sigma_s = (1 - gamma) * sigma_next (in the model's own sigma), never through the shift-dependent timestep round trip.
     """
 
     kind = "flow"

@@ -4,7 +4,7 @@
         --train_data_dir <images + .txt captions> --output_dir <out> [options]
     python -m train.accelerate_tcd ...            (one device, same options)
 
-The structure is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sdxl.py` (TCD_SPEC §4) with
+The structure is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sdxl.py` with
 the LCM objective replaced by `tcd.losses.TCDLoss` (no math here): PEFT LoRA on the LCM-LoRA recipe's target
 modules; teacher = the same UNet with its adapters disabled (one model copy); target = the online LoRA under
 no_grad, or an EMA of it (`--ema_decay`). The saved LoRA is what `StableDiffusion[XL]Pipeline.save_lora_weights`
@@ -48,7 +48,7 @@ except ImportError:
 ARCHITECTURES = ("sd", "sdxl")
 PIPELINE_CLASS_TO_ARCH = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024}
-# The LCM-LoRA recipe's target modules (diffusers train_lcm_distill_lora_sdxl.py / _sd_wds.py, TCD_SPEC §4).
+# The LCM-LoRA recipe's target modules (diffusers train_lcm_distill_lora_sdxl.py / _sd_wds.py).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                        "time_emb_proj")
