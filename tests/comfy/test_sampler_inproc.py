@@ -1,5 +1,5 @@
 """The TCD sampler and scheduler inside a real ComfyUI 0.3.75 (imported in-process), on the tiny SD1.5 checkpoint
-and ComfyUI's own model_sampling classes."""
+and ComfyUI's own model_sampling classes. Flow models (SD3, Flux): test_flow_sampling.py."""
 import sys
 from pathlib import Path
 
@@ -98,33 +98,6 @@ def test_parity_with_diffusers_using_comfy_model_sampling(pack, pred, steps, gam
 def comfy_sampler_fn(pack):
     import comfy.k_diffusion.sampling as kds
     return getattr(kds, "sample_" + pack.REGISTERED_NAMES["sampler"])
-
-
-def test_flow_const_model_samples_without_nan(pack):
-    """A tiny in-process flow (CONST, SD3-style) model: ComfyUI's ModelSamplingDiscreteFlow + CONST."""
-    import comfy.model_sampling as cms
-    import comfy.samplers
-    ms = type("MSFlow", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
-    ms.set_parameters(shift=3.0)
-    sample_fn = comfy_sampler_fn(pack)
-    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    class Wrapped:
-        class inner_model:
-            class inner_model:
-                model_sampling = ms
-
-        def __call__(self, x, sigma, **_):
-            v = torch.einsum("oc,bchw->bohw", weight, ms.calculate_input(sigma, x)).tanh()
-            return ms.calculate_denoised(sigma, v, x)
-
-    sigmas = comfy.samplers.calculate_sigmas(ms, "tcd", 4)
-    assert sigmas[0] == pytest.approx(1.0, abs=1e-3) and sigmas[-1] == 0
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    for gamma in (0.0, 0.3, 1.0):
-        x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
-        out = sample_fn(Wrapped(), x, sigmas, extra_args={"seed": 1}, gamma=gamma, disable=True)
-        assert torch.isfinite(out).all()
 
 
 def test_lcm_patched_model_gets_a_clear_error(pack, sd15):
