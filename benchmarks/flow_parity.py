@@ -36,7 +36,6 @@ STEPS = (1, 2, 4, 8)
 MID_GAMMAS = (0.1, 0.3, 0.5, 0.7)
 LATENT = (1, 16, 8, 8)
 SEED = 5
-CONTEXT = {"sd3": (4096, 2048), "flux": (768, 768)}   # (text context width, pooled width) of each tiny model
 
 
 # ------------------------------------------------------------------------------------------------ tiny models
@@ -47,10 +46,9 @@ def tiny_model(kind: str):
 
 
 def conditioning(kind: str, seed: int = 1, tokens: int = 8):
-    """A random text conditioning of the width the tiny model reads (cross-attention context + pooled vector)."""
-    ctx, pooled = CONTEXT[kind]
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(1, tokens, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
+    sys.path.insert(0, str(REPO / "scripts"))
+    import make_tiny_flow
+    return make_tiny_flow.conditioning(kind, seed, tokens)
 
 
 def tcd_function():

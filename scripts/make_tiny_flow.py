@@ -109,6 +109,18 @@ def tiny_model_patcher(kind: str, seed: int = 0):
                                             offload_device=mm.unet_offload_device())
 
 
+# (text context width, pooled width) each tiny model reads: SD3's CLIP-L-only encoder output, CLIP-L for Flux.
+CONTEXT = {"sd3": (4096, 2048), "flux": (768, 768)}
+
+
+def conditioning(kind: str, seed: int = 1, tokens: int = 8):
+    """A random CONDITIONING of the widths the tiny model reads (cross-attention context + pooled vector)."""
+    import torch
+    ctx, pooled = CONTEXT[kind]
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randn(1, tokens, ctx, generator=g), {"pooled_output": torch.randn(1, pooled, generator=g)}]]
+
+
 def clip_l_state_dict(comfyui: str, seed: int, dtype) -> dict:
     """Full-size CLIP-L text model (ComfyUI's CLIPTextModel from its fixed sd1_clip_config.json)."""
     import torch

@@ -98,7 +98,7 @@ def test_sd15_every_format_patches_every_layer_and_matches_kohya(fmt, node, sd15
     model, clip, layers = sd15["model"], sd15["clip"], sd15["layers"]
     sd = lf.write_format(fmt, layers)
     name = write(loras_dir, f"sd15_{fmt.replace(' ', '_').replace('.', '')}.safetensors", sd)
-    new_model, new_clip, info = node.load_lora(model, name, 1.0, clip, 1.0)
+    new_model, new_clip, info, _ = node.load_lora(model, name, 1.0, clip, 1.0)
     n_unet, n_te = lf.n_layers(fmt, layers, "unet"), lf.n_layers(fmt, layers, "te")
     assert info_count(info, "UNet layers patched") == (n_unet, n_unet) == (54, 54)
     if n_te:
@@ -124,7 +124,7 @@ def test_sdxl_every_format_patches_every_layer_and_matches_kohya(fmt, node, sdxl
     model, clip, layers = sdxl["model"], sdxl["clip"], sdxl["layers"]
     sd = lf.write_format(fmt, layers)
     name = write(loras_dir, f"sdxl_{fmt.replace(' ', '_').replace('.', '')}.safetensors", sd)
-    new_model, _, info = node.load_lora(model, name, 1.0, clip, 1.0)
+    new_model, _, info, _ = node.load_lora(model, name, 1.0, clip, 1.0)
     n_unet, n_te = lf.n_layers(fmt, layers, "unet"), lf.n_layers(fmt, layers, "te")
     assert "architecture: SDXL" in info and "model: SDXL" in info
     assert info_count(info, "UNet layers patched") == (n_unet, n_unet)
@@ -146,7 +146,7 @@ def test_strength_zero_is_the_base_model_exactly_and_deltas_are_linear(node, sd1
     import comfy.lora
     model, clip = sd15["model"], sd15["clip"]
     name = write(loras_dir, "strength.safetensors", lf.write_format("peft unet.", sd15["layers"]))
-    m0, c0, info0 = node.load_lora(model, name, 0.0, clip, 0.0)
+    m0, c0, info0, _ = node.load_lora(model, name, 0.0, clip, 0.0)
     assert "strength_model 0: model unchanged" in info0
     assert torch.equal(lf.sample(m0, sd15["cond"]), sd15["base"])
     assert torch.equal(c0.encode_from_tokens(clip.tokenize(PROMPT)), sd15["base_text"])
@@ -189,14 +189,14 @@ def test_unmatched_layers_error_lists_them_and_warn_applies_the_rest(node, sd15,
     with pytest.raises(ValueError, match=r"1 of 67 layers.*down_blocks_7_resnets_0_conv1.*'warn'"):
         node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0)
     with caplog.at_level(logging.WARNING):
-        _, _, info = node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0, on_unmatched="warn")
+        _, _, info, _ = node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0, on_unmatched="warn")
     assert info_count(info, "UNet layers patched") == (54, 54) and "NOT applied (1)" in info
     assert "down_blocks_7_resnets_0_conv1" in caplog.text
 
 
 def test_text_encoder_layers_without_clip_are_reported(node, sd15, loras_dir):
     name = write(loras_dir, "no_clip.safetensors", lf.write_format("kohya", sd15["layers"]))
-    model, clip, info = node.load_lora(sd15["model"], name, 1.0)
+    model, clip, info, _ = node.load_lora(sd15["model"], name, 1.0)
     assert clip is None and "text encoder layers not applied: 12 (no CLIP connected)" in info
     assert info_count(info, "UNet layers patched") == (54, 54)
 
