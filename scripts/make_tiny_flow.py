@@ -66,21 +66,22 @@ def init_tensor(name, shape, gen, dtype):
     return (torch.randn(shape, generator=gen) / math.sqrt(math.prod(shape[1:]))).to(dtype)
 
 
-def model_config(kind: str):
-    """ComfyUI's supported-model config (comfy.supported_models.SD3 / Flux) for a tiny unet_config."""
+def model_config(kind: str, **overrides):
+    """ComfyUI's supported-model config (comfy.supported_models.SD3 / Flux) for a tiny unet_config (entries of
+    `overrides` replace TINY_SD3 / TINY_FLUX ones, e.g. a larger model for a benchmark)."""
     import comfy.supported_models as sm
     if kind == "sd3":
-        return sm.SD3(dict(TINY_SD3))
+        return sm.SD3({**TINY_SD3, **overrides})
     if kind == "flux":
-        return sm.Flux(dict(TINY_FLUX))
+        return sm.Flux({**TINY_FLUX, **overrides})
     raise ValueError(f"kind {kind!r} is not 'sd3' or 'flux'")
 
 
-def diffusion_state_dict(kind: str, seed: int = 0, dtype=None) -> dict:
+def diffusion_state_dict(kind: str, seed: int = 0, dtype=None, **overrides) -> dict:
     """The transformer's state dict in ComfyUI's own (ldm) key layout, randomly initialised (no prefix)."""
     import torch
     import comfy.ops
-    cfg = model_config(kind)
+    cfg = model_config(kind, **overrides)
     if kind == "sd3":
         from comfy.ldm.modules.diffusionmodules.mmdit import MMDiT
         params = {k: v for k, v in cfg.unet_config.items() if k != "image_model"}
@@ -93,17 +94,17 @@ def diffusion_state_dict(kind: str, seed: int = 0, dtype=None) -> dict:
     return {k: init_tensor(k, tuple(v.shape), gen, dtype) for k, v in net.state_dict().items()}
 
 
-def tiny_model_patcher(kind: str, seed: int = 0):
+def tiny_model_patcher(kind: str, seed: int = 0, **overrides):
     """A tiny SD3 / Flux comfy.model_base model in a ModelPatcher, built in-process from its unet_config (the
     way ComfyUI builds a detected checkpoint: supported-model config -> get_model -> load_model_weights)."""
     import torch
     import comfy.model_management as mm
     import comfy.model_patcher
-    cfg = model_config(kind)
+    cfg = model_config(kind, **overrides)
     cfg.set_inference_dtype(torch.float32, None)
     model = cfg.get_model({}, device="cpu")
-    model.load_model_weights({"diffusion_model." + k: v for k, v in diffusion_state_dict(kind, seed).items()},
-                             "diffusion_model.")
+    weights = diffusion_state_dict(kind, seed, **overrides)
+    model.load_model_weights({"diffusion_model." + k: v for k, v in weights.items()}, "diffusion_model.")
     model.requires_grad_(False)
     return comfy.model_patcher.ModelPatcher(model, load_device=mm.get_torch_device(),
                                             offload_device=mm.unet_offload_device())

@@ -84,9 +84,9 @@ PRESETS = (
             "gamma": SRC_HYPER + ": eta=1.0 with 1 step; 'lower eta results in more detail' (no value given for more "
                      "steps: lower gamma by hand, e.g. with the TCD Sampler's gamma_schedule)",
             "cfg": SRC_HYPER + ": guidance_scale=0", "lora_strength": SRC_HYPER + ": pipe.fuse_lora() (scale 1.0)"}),
-    Preset("hyper-sd-nstep", "Hyper-SD N-step (SD1.5 / SDXL, 1/2/4/8-step)", (ARCH_SD1, ARCH_SDXL), 4, (1, 8), 0.0,
+    Preset("hyper-sd-nstep", "Hyper-SD N-step (SD1.5 / SDXL, 2/4/8-step)", (ARCH_SD1, ARCH_SDXL), 4, (2, 8), 0.0,
            1000, "diffusers", 1.0, 1.0, "diffusers DDIMScheduler(timestep_spacing='trailing')",
-           "exact for 1/2/4/8 steps (gamma 0 = DDIM eta 0; every-timestep grid = trailing spacing)",
+           "exact for 2/4/8 steps (gamma 0 = DDIM eta 0; every-timestep grid = trailing spacing)",
            {"steps": SRC_HYPER + ": one LoRA per step count ('Hyper-SDXL-Nstep-lora')",
             "gamma": SRC_HYPER + ": DDIMScheduler (eta 0) with timestep_spacing='trailing'",
             "cfg": SRC_HYPER + ": guidance_scale=0", "lora_strength": SRC_HYPER + ": pipe.fuse_lora() (scale 1.0)",
