@@ -30,7 +30,7 @@ class TCDLoraLoader:
                               "A .safetensors LoRA from models/loras, in any key format: kohya, diffusers (old "
                               "and new), PEFT (transformer., base_model.model. or no prefix), OneTrainer, "
                               "ComfyUI-native."}),
-                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip":
+                "strength_model": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.001, "tooltip":
                                    "How strongly the LoRA changes the UNet / transformer. 1.0 for TCD / Hyper-SD "
                                    "SD1.5/SDXL LoRAs, 0.125 for Hyper-SD3 / Hyper-FLUX (the info output names the "
                                    "family's value); 0 leaves the model unchanged."}),
@@ -38,7 +38,7 @@ class TCDLoraLoader:
             "optional": {
                 "clip": ("CLIP", {"tooltip": "Optional text encoder; the LoRA's text-encoder layers (if any) are "
                                   "applied to it."}),
-                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.01, "tooltip":
+                "strength_clip": ("FLOAT", {"default": 1.0, "min": -100.0, "max": 100.0, "step": 0.001, "tooltip":
                                   "How strongly the LoRA changes the text encoder (when a CLIP is connected)."}),
                 "on_unmatched": (list(tl.ON_UNMATCHED), {"default": "error", "tooltip":
                                  "LoRA layers that match no weight of the model: error stops with their list; "

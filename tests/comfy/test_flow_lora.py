@@ -4,7 +4,6 @@ ComfyUI-native, diffusers / PEFT under `transformer.`, `base_model.model.` or no
 alpha): every layer applied (N/N, counted as patches: split q / k / v land on slices of one fused weight), the model
 output equal to the hand-placed weight deltas (tests/support/flow_lora_files.py), core's count beside it."""
 import logging
-import os
 
 import pytest
 import torch
@@ -34,12 +33,11 @@ def node(pack):
 
 
 @pytest.fixture(scope="module")
-def flow(pack, tmp_path_factory):
+def flow(pack, tiny_flow_models):
     """SD3 from the tiny checkpoint file (ComfyUI's detection, CLIP-L included); Flux built in-process (detection
     refuses tiny Flux files, test_flow_sampling.py)."""
     import comfy.sd
-    sys_files = mtf.write_files(os.environ["COMFYUI_DIR"], str(tmp_path_factory.mktemp("flow_models")))
-    sd3, clip = comfy.sd.load_checkpoint_guess_config(sys_files["sd3_checkpoint"])[:2]
+    sd3, clip = comfy.sd.load_checkpoint_guess_config(str(tiny_flow_models["sd3_checkpoint"]))[:2]
     out = {"sd3": {"model": sd3, "clip": clip}, "flux": {"model": mtf.tiny_model_patcher("flux"), "clip": None}}
     for kind, env in out.items():
         env["cond"] = mtf.conditioning(kind)

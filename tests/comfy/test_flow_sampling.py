@@ -31,9 +31,8 @@ def models(pack):
 
 
 @pytest.fixture(scope="module")
-def tiny_files(pack, tmp_path_factory):
-    import os
-    return mtf.write_files(os.environ["COMFYUI_DIR"], str(tmp_path_factory.mktemp("flow_models")))
+def tiny_files(pack, tiny_flow_models):
+    return {k: str(v) for k, v in tiny_flow_models.items()}
 
 
 # ------------------------------------------------------------------------------------------------ detection

@@ -211,3 +211,25 @@ def reference_patches(fmt: str, layers: list, weight_shapes: dict, strength: flo
         offset, size = ly.rows if ly.rows is not None else (0, full.shape[0])
         full[offset:offset + size] += delta
     return {k: ("diff", (v,)) for k, v in deltas.items()}
+
+
+def write_tiny_lora(kind: str, unet_file, path, naming: str = "ldm", seed: int = 0):
+    """A LoRA for a tiny flow model written without ComfyUI (for the HTTP tests): kohya keys over every >= 2-D weight
+    named in the model file's header (naming "ldm"), or PEFT `transformer.` keys over the same-shaped diffusers
+    transformer's modules (naming "diffusers"). Returns the path."""
+    from pathlib import Path
+    from safetensors import safe_open
+    from tcd.files import save_safetensors_atomic
+    gen = torch.Generator().manual_seed(seed)
+    if naming == "ldm":
+        with safe_open(str(unet_file), framework="pt") as f:
+            targets = [(k[:-len(".weight")], tuple(f.get_slice(k).get_shape())) for k in f.keys()
+                       if k.endswith(".weight") and len(f.get_slice(k).get_shape()) >= 2]
+        fmt = "kohya"
+    else:
+        targets, fmt = diffusers_modules(kind), "peft transformer."
+    layers = []
+    for name, shape in targets:
+        down, up = _random_layer(shape, gen, 4, 0.3)
+        layers.append(FlowLayer(name if naming != "ldm" else None, name, None, False, shape, down, up, 2.0))
+    return save_safetensors_atomic(write_format(fmt, layers), Path(path))
