@@ -289,8 +289,8 @@ TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of a training run. "auto": fp32 on CPU (bf16 autocast there is ~9x slower, COMFYUI_HOST
-    §2), bf16 where ComfyUI's model management says the device supports it, else fp32."""
+    """The compute dtype of a training run. "auto": fp32 on CPU (bf16 autocast there is ~9x slower, measured with
+    core's trainer), bf16 where ComfyUI's model management says the device supports it, else fp32."""
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name in table:
         return table[name]

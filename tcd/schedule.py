@@ -145,7 +145,7 @@ class DiscreteSchedule:
     def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
         return sigmas_at_timesteps(self.sigmas, timesteps)
 
-    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space (TCD_SPEC §2.5): VE for discrete VP models.
+    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space: VE for discrete VP models (docs/flow_models.md).
     @staticmethod
     def a(sigma: float) -> float:
         return 1.0
@@ -170,8 +170,10 @@ class DiscreteSchedule:
 class FlowSchedule:
     """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
 
-    No discrete TCD reference exists for flow models; the target time is taken in the model's native time,
-    sigma_s = (1 - gamma) * sigma_next (TCD_SPEC §2.5), never through the shift-dependent timestep round trip.
+    The target time is taken in the model's own time, which is the shifted sigma the network is conditioned on:
+    sigma_s = (1 - gamma) * sigma_next, the flow form of diffusers' s = floor((1 - gamma) * t_next), never through
+    ComfyUI's timestep/sigma round trip (not an identity when shift != 1). gamma 0 is then the flow Euler step,
+    gamma 1 LCM's step (docs/flow_models.md).
     """
 
     kind = "flow"

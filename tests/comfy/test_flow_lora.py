@@ -108,7 +108,8 @@ def test_diffusers_layers_cover_every_comfyui_weight(flow):
 def test_flow_lora_strength_scales_the_deltas(kind, node, flow, loras_dir):
     """Hyper-SD3 / Hyper-FLUX run at strength 0.125: the patched model equals the deltas scaled by 0.125."""
     env = flow[kind]
-    name = write(loras_dir, f"{kind}_strength.safetensors", flf.write_format("peft transformer.", env["layers"]["diffusers"]))
+    name = write(loras_dir, f"{kind}_strength.safetensors",
+                 flf.write_format("peft transformer.", env["layers"]["diffusers"]))
     out = sample(node.load_lora(env["model"], name, 0.125)[0], env["cond"])
     assert float((out - reference(env, "peft transformer.", "diffusers", 0.125)).abs().max()) <= 1e-5
 
@@ -147,7 +148,8 @@ def test_flow_loras_on_the_wrong_model_are_refused(node, flow, loras_dir):
 
 def test_shared_transformer_names_are_decided_by_shape(node, flow, loras_dir):
     """Only `transformer_blocks.N.attn.to_q` layers (both SD3 and Flux have them): the model's shapes decide."""
-    sd3_layers = [ly for ly in flow["sd3"]["layers"]["diffusers"] if ly.diffusers.startswith("transformer_blocks.0.attn.to_")]
+    sd3_layers = [ly for ly in flow["sd3"]["layers"]["diffusers"]
+                  if ly.diffusers.startswith("transformer_blocks.0.attn.to_")]
     name = write(loras_dir, "shared_names.safetensors", flf.write_format("peft transformer.", sd3_layers))
     info = node.load_lora(flow["sd3"]["model"], name, 1.0)[2]
     assert "flow transformer layers that SD3 and Flux share" in info

@@ -8,8 +8,9 @@ import torch
 from support import lora_files as lf
 from tcd.files import save_safetensors_atomic
 
-# Formats in which core ComfyUI 0.3.75 drops layers without a word (COMFYUI_HOST.md §3): the attention layers of
-# new-diffusers / PEFT keys, everything under base_model.model., and old-diffusers text-encoder attention.
+# Formats in which core ComfyUI 0.3.75 drops layers without a word (benchmarks/results/lora_coverage.md): the
+# attention layers of new-diffusers / PEFT keys, everything under base_model.model., and old-diffusers text-encoder
+# attention.
 CORE_LOSES_UNET = {"diffusers", "peft unet.", "peft unet. + alpha", "peft base_model.model.", "peft no prefix"}
 CORE_LOSES_TE = {"diffusers-old"}
 PROMPT = "a photo of a cat"
@@ -79,7 +80,7 @@ def info_count(info, label):
 
 
 def check_core(core, total, known_loss):
-    """On the pinned ComfyUI 0.3.75 core drops exactly the formats measured in COMFYUI_HOST.md §3; another ComfyUI
+    """On the pinned ComfyUI 0.3.75 core drops exactly the formats measured in lora_coverage.md; another ComfyUI
     (COMFYUI_PATH) may have fixed that, so there only 'never more than this loader' is checked."""
     import comfyui_version
     if comfyui_version.__version__ == "0.3.75":
