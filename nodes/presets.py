@@ -20,7 +20,8 @@ def family_output(plan, strength_model: float) -> dict:
     """The loader's FEW_STEP_FAMILY value: the family its file names, the step count in its name, the strength
     it was applied with."""
     return {"key": plan.family.key, "steps": plan.family.steps, "evidence": plan.family.evidence,
-            "lora": plan.name, "strength_model": float(strength_model), "architecture": plan.model_arch}
+            "lora": plan.name, "strength_model": float(strength_model), "architecture": plan.model_arch,
+            "shift": tp.shift_in_name(plan.name)}
 
 
 def resolved_steps(p: tp.Preset, steps: int, named_steps: int | None) -> int:
@@ -128,6 +129,10 @@ class FewStepPreset:
             info.append(f"note: {n} steps is outside the family's {lo}-{hi}")
         if named_steps and n != named_steps:
             info.append(f"note: the LoRA's name says {named_steps} steps")
+        shift = (family or {}).get("shift")
+        if shift is not None and base in ("SD3", "Flux"):
+            info.append(f"note: the LoRA's name says shift {shift:g}: set the model's sampling shift to it "
+                        f"(ModelSamplingSD3 / ModelSamplingFlux) before this node")
         applied = (family or {}).get("strength_model")
         if applied is not None and abs(applied - p.lora_strength) > 1e-9:
             info.append(f"note: the loader applied strength {family['strength_model']:g}; the family's is "

@@ -207,7 +207,7 @@ def test_info_names_format_family_and_preset(node, sd15, loras_dir):
     info = node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0)[2]
     assert "format: peft (keys under 'base_model.model.'); alpha: none (scale 1.0)" in info
     assert "architecture: SD1.x (cross-attention context 768); model: SD1.x" in info
-    assert "family: TCD LoRA (file name" in info and "steps 4-8, gamma 0.3, cfg 1.0" in info
+    assert "family: TCD (SD1.5 / SD2.1 / SDXL) (file name" in info and "4 steps (4-8), gamma 0.3, cfg 1," in info
     hyper = write(loras_dir, "Hyper-SD15-1step-lora.safetensors", lf.write_format("kohya", sd15["layers"]))
     assert "family: Hyper-SD 1-step unified" in node.load_lora(sd15["model"], hyper, 1.0)[2]
     plain = write(loras_dir, "style.safetensors", lf.write_format("kohya", sd15["layers"]))

@@ -78,6 +78,10 @@ def test_cfg_follows_the_step_count_where_the_card_gives_one(node, pack):
     sd3 = mtf.tiny_model_patcher("sd3")
     name = tp.preset("hyper-sd3").name
     assert [node.get_preset(sd3, name, n)[2] for n in (4, 8, 16, 6)] == [3.0, 5.0, 7.0, 5.0]
+    pcm = {"key": "pcm-sd3", "steps": 2, "evidence": "file name", "lora": "pcm_deterministic_2step_shift1",
+           "strength_model": 1.0, "architecture": "SD3", "shift": 1.0}
+    out = node.get_preset(sd3, "auto (from the LoRA loader)", 0, pcm)
+    assert out[5] == 2 and "shift 1: set the model's sampling shift" in out[6]
 
 
 def test_auto_takes_family_and_steps_from_the_loader(node, sd15, pack, tmp_path_factory):
