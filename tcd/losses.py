@@ -8,7 +8,7 @@ timesteps t of shape [B]:
     target(x_t, t, cond)    theta^- (EMA of the LoRA, or the online LoRA); called under no_grad
     teacher(x_t, t, cond)   the frozen base model; called under no_grad
 
-One training iteration (TCD paper §3.2 and Algorithm 2; diffusers'
+One training iteration (TCD paper §3; diffusers'
 `train_lcm_distill_lora_*.py` with the TCD changes):
 
     1. n on the skipping grid: t_{n+k} = k (j + 1) - 1, j ~ U{0..N-1}; t_n = max(t_{n+k} - k, 0)   (k = T // N)
@@ -187,7 +187,7 @@ class _ConsistencyDistillation:
 
 
 class TCDLoss(_ConsistencyDistillation):
-    """Trajectory consistency distillation (TCD paper §3.2): student and target TCFs meet at a random s <= t_n.
+    """Trajectory consistency distillation (TCD paper §3): student and target TCFs meet at a random s <= t_n.
 
     rho: probability that s = 0 (the rest uniform on the grid points <= t_n). The student never sees s, so its one
     x0 prediction serves every s: rho > 0 weights the long jumps that few-step sampling makes (docs/recipe.md).

@@ -147,7 +147,7 @@ class DiscreteSchedule:
     def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
         return sigmas_at_timesteps(self.sigmas, timesteps)
 
-    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space: VE for discrete VP models (a = 1, b = sigma).
+    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space: VE for discrete VP models (docs/flow_models.md).
     @staticmethod
     def a(sigma: float) -> float:
         return 1.0
@@ -160,9 +160,9 @@ class DiscreteSchedule:
         """sigma of the SSS target time s = floor((1 - gamma) * t_next) (paper's Algorithm 4, diffusers' step).
 
         The product is taken on an int64 tensor times a Python float, i.e. in float32, exactly like diffusers
-        (`torch.floor((1 - eta) * prev_timestep).long()`): float64 disagrees for some (t, gamma) pairs (§6.3).
+        (`torch.floor((1 - eta) * prev_timestep).long()`): float64 disagrees for some (t, gamma) pairs, e.g. (500, 0.07).
         The result never exceeds sigma_next, so snapped off-grid sigmas (karras, sgm_uniform) never add noise
-        "backwards" (§6.11).
+        "backwards".
         """
         t_next = torch.tensor(self.timestep(sigma_next), dtype=torch.int64)
         t_s = int(torch.floor((1 - gamma) * t_next).long())
@@ -193,8 +193,10 @@ class DiscreteSchedule:
 class FlowSchedule:
     """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
 
-    No discrete TCD reference exists for flow models; the target time is taken in the model's native time,
-    sigma_s = (1 - gamma) * sigma_next (in the model's own sigma), never through the shift-dependent timestep round trip.
+    The target time is taken in the model's own time, which is the shifted sigma the network is conditioned on:
+    sigma_s = (1 - gamma) * sigma_next, the flow form of diffusers' s = floor((1 - gamma) * t_next), never through
+    ComfyUI's timestep/sigma round trip (not an identity when shift != 1). gamma 0 is then the flow Euler step,
+    gamma 1 LCM's step (docs/flow_models.md).
     """
 
     kind = "flow"

@@ -1,5 +1,5 @@
 """The TCD sampler and scheduler inside a real ComfyUI 0.3.75 (imported in-process), on the tiny SD1.5 checkpoint
-and ComfyUI's own model_sampling classes."""
+and ComfyUI's own model_sampling classes. Flow models (SD3, Flux): test_flow_sampling.py."""
 import sys
 from pathlib import Path
 
@@ -151,44 +151,6 @@ def test_parity_with_diffusers_using_comfy_model_sampling(pack, pred, steps, gam
 def comfy_sampler_fn(pack):
     import comfy.k_diffusion.sampling as kds
     return getattr(kds, "sample_" + pack.REGISTERED_NAMES["sampler"])
-
-
-def test_flow_const_model_samples_without_nan(pack):
-    """A tiny in-process flow (CONST, SD3-style) model: ComfyUI's ModelSamplingDiscreteFlow + CONST, both orders."""
-    import comfy.model_sampling as cms
-    import comfy.samplers
-    from tcd.sampling import sss_model_calls
-    ms = type("MSFlow", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
-    ms.set_parameters(shift=3.0)
-    sample_fn = comfy_sampler_fn(pack)
-    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    calls = []
-
-    class Wrapped:
-        class inner_model:
-            class inner_model:
-                model_sampling = ms
-
-        def __call__(self, x, sigma, **_):
-            calls.append(float(sigma[0]))
-            v = torch.einsum("oc,bchw->bohw", weight, ms.calculate_input(sigma, x)).tanh()
-            return ms.calculate_denoised(sigma, v, x)
-
-    sigmas = comfy.samplers.calculate_sigmas(ms, "tcd", 4)
-    assert sigmas[0] == pytest.approx(1.0, abs=1e-3) and sigmas[-1] == 0
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    for gamma in (0.0, 0.3, 1.0):
-        for order in (1, 2):
-            calls.clear()
-            x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
-            out = sample_fn(Wrapped(), x, sigmas, extra_args={"seed": 1}, gamma=gamma, tcf_order=order, disable=True)
-            assert torch.isfinite(out).all()
-            assert len(calls) == sss_model_calls(sigmas, order, "flow", gamma)
-    # order 2 takes 2 calls only where h is finite: not from sigma = 1 (pure noise, a_t = 0), not into sigma = 0
-    assert float(sigmas[0]) == 1.0
-    assert sss_model_calls(sigmas, 2, "flow", 0.3) == 1 + 2 + 2 + 1
-    assert sss_model_calls(sigmas, 2, "flow", 1.0) == 4                 # gamma 1: every s is the clean endpoint
 
 
 def test_lcm_patched_model_gets_a_clear_error(pack, sd15):

@@ -106,7 +106,7 @@ def test_saved_lora_is_canonical_and_core_loraloader_applies_every_layer(env, tr
     assert float((core_out - base_out).abs().max()) > 1e-3
     assert torch.allclose(node_out, core_out, atol=1e-5)       # the node's MODEL output is the saved LoRA
     if "TCD_LoraLoader" in nodes.NODE_CLASS_MAPPINGS:
-        m, _, info = nodes.NODE_CLASS_MAPPINGS["TCD_LoraLoader"]().load_lora(env["model"], trained["name"], 1.0)
+        m, _, info, _ = nodes.NODE_CLASS_MAPPINGS["TCD_LoraLoader"]().load_lora(env["model"], trained["name"], 1.0)
         print(info)
         assert len(m.patches) == len(bases)
         assert torch.allclose(ksample(m, cond), core_out, atol=1e-5)

@@ -89,3 +89,13 @@ def test_nan_gamma_in_api_prompt_is_refused(server):
     else:
         pytest.fail("a NaN gamma was accepted")
     assert server.alive()
+
+
+def test_few_step_preset_node_is_listed_with_every_family(server):
+    from tcd import presets
+    info = server.get("/object_info/TCD_FewStepPreset")["TCD_FewStepPreset"]
+    assert info["display_name"] == "Few-step Preset (TCD)"
+    assert info["output"] == ["SAMPLER", "SIGMAS", "FLOAT", "FLOAT", "FLOAT", "INT", "STRING"]
+    options = info["input"]["required"]["preset"][0]
+    assert options[0].startswith("auto") and options[1:] == [p.name for p in presets.PRESETS]
+    assert info["input"]["optional"]["family"][0] == "FEW_STEP_FAMILY"
