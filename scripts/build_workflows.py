@@ -254,7 +254,8 @@ def distill(g, ckpt, steps=2000, lora_name="my_tcd_lora"):
                  alpha=64.0, w_min=3.0, w_max=15.0, original_steps=50, tcf_order=1, ema_decay=0.95, loss="huber",
                  seed=0, lora_name=lora_name, save_every=500, resume=True, objective="tcd", training_dtype="auto",
                  gradient_checkpointing=True, warmup_steps=100, max_grad_norm=1.0, validation_every=250,
-                 validation_draws=4, validation_steps=4, validation_gamma=0.3, save_dtype="fp16")
+                 validation_draws=4, validation_steps=4, validation_gamma=0.3, save_dtype="fp16",
+                 recipe="recommended", rho=0.0)
 
 
 def distill_tcd_lora():

@@ -80,9 +80,9 @@ CONFIGS = {
         "primary": {"mog2d": "sw"},
         "loss": "huber",
         "datasets": {
-            "mog2d": {"n_select": 2000, "n_grade": 5000, "n_probe": 1000, "n_oracle": 2000, "floor_draws": 3,
+            "mog2d": {"n_select": 2000, "n_grade": 10000, "n_probe": 1000, "n_oracle": 2000, "floor_draws": 5,
                       "teacher": dict(width=64, depth=2, steps=800, batch=512, lr=3e-3),
-                      "distill": dict(steps=150, batch=128, lr=5e-4, ema_decay=0.95, eval_ema=0.9,
+                      "distill": dict(steps=500, batch=128, lr=5e-4, ema_decay=0.95, eval_ema=0.95,
                                       probe_every=50)},
         },
     },
