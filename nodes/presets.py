@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..tcd import backend
 from ..tcd import presets as tp
+from .register import FALLBACK_NAME, TAKEN_BY_OTHERS
 from .sampling import TCDSampler, tcd_sigmas
 
 FAMILY_TYPE = "FEW_STEP_FAMILY"     # what the TCD LoRA Loader's `family` output carries (family_output)
@@ -138,12 +139,14 @@ class FewStepPreset:
             info.append(f"note: the loader applied strength {family['strength_model']:g}; the family's is "
                         f"{p.lora_strength:g}")
         info += [f"source ({k}): {v}" for k, v in p.sources.items()]
+        info += [f"WARNING: KSampler's {key.replace(':', ' ')!r} belongs to {owner}, not to this pack: in KSampler pick "
+                 f"'{FALLBACK_NAME}' for this pack's TCD, or use this node's sampler output"
+                 for key, owner in TAKEN_BY_OTHERS.items()]
         guidance = s["flux_guidance"] if s["flux_guidance"] is not None else FLUX_GUIDANCE_DEFAULT
         return (sampler, sigmas, float(s["cfg"]), float(guidance), float(s["lora_strength"]), int(n), "\n".join(info))
 
     @staticmethod
     def _sampler(s: dict):
         if s["sampler"] == "lcm":     # LCM-sampled families: ComfyUI's own lcm (tcd.presets explains why)
-            import comfy.samplers
-            return comfy.samplers.ksampler("lcm")
+            return backend.lcm_ksampler()
         return TCDSampler().get_sampler(gamma=s["gamma"], gamma_schedule="", final_step=s["final_step"])[0]

@@ -26,7 +26,7 @@ def sample_tcd_comfy(model, x, sigmas, extra_args=None, callback=None, disable=N
     x = sample_tcd(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, gamma=gamma,
                    noise_sampler=noise_sampler, schedule=schedule, final_step=final_step, tcf_order=tcf_order)
     mask = (extra_args or {}).get("denoise_mask")
-    latent = getattr(model, "latent_image", None)
+    latent = backend.inpaint_latent_of(model)
     if mask is not None and latent is not None and float(sigmas[-1]) == 0:
         # Inpainting: ComfyUI blends the kept region into every x0 prediction, but the "diffusers" final step
         # leaves 3% predicted noise there. diffusers' inpaint pipeline pastes the original latent back after the
@@ -93,12 +93,11 @@ class TCDSampler:
                    "(= diffusers guidance_scale 0), 4-8 steps.")
 
     def get_sampler(self, gamma, gamma_schedule="", final_step="diffusers", tcf_order=1):
-        import comfy.samplers
         values = parse_gamma_schedule(gamma_schedule or "")
         gamma_spec = values if values else float(gamma)
         expand_gamma(gamma_spec, max(len(values), 1))  # reject out-of-range values now, not mid-sampling
         options = {"gamma": gamma_spec, "final_step": final_step, "tcf_order": check_tcf_order(tcf_order)}
-        return (comfy.samplers.KSAMPLER(sample_tcd_comfy, extra_options=options),)
+        return (backend.make_ksampler(sample_tcd_comfy, options),)
 
 
 class TCDScheduler:

@@ -39,7 +39,9 @@ log = logging.getLogger(__name__)
 
 OBJECTIVES = ("tcd", "lcm")
 VALIDATION_SEED_OFFSET = 1_000_003      # validation draws: a generator of their own, seeded from the run's seed
-VALIDATION_MIN_BATCH = 8                # samples per validation draw (at least): a model pass costs about the same
+VALIDATION_MIN_SAMPLES = 8              # samples per validation draw (at least), in batches of the training size
+GLOBAL_STREAM_OFFSET = 2_000_003        # torch's global CPU stream inside a run (forked: the server's is untouched)
+SEED_SPACE = 2 ** 64                    # torch.Generator.manual_seed takes seeds in [0, 2^64)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STUDENT, TARGET, TEACHER = "student", "target", "teacher"
 # Settings a resumed run may change without changing the numbers it computes.
@@ -142,14 +144,17 @@ class SwitchableLoRA(torch.nn.Module):
         super().__init__()
         self.adapter = adapter
         self.switch = switch
+        self.up, self.down = backend.lora_adapter_weights(adapter)
+        self.scale = backend.lora_adapter_scale(adapter)
+        self.alpha = backend.lora_adapter_alpha(adapter)
         if keep_ema:
-            self.register_buffer("ema_up", adapter.lora_up.weight.detach().clone())
-            self.register_buffer("ema_down", adapter.lora_down.weight.detach().clone())
+            self.register_buffer("ema_up", self.up.detach().clone())
+            self.register_buffer("ema_down", self.down.detach().clone())
         else:
             self.ema_up = self.ema_down = None
 
     def trainable(self) -> list[torch.nn.Parameter]:
-        return [self.adapter.lora_up.weight, self.adapter.lora_down.weight]
+        return [self.up, self.down]
 
     def __call__(self, w: torch.Tensor) -> torch.Tensor:
         mode = self.switch.mode
@@ -157,15 +162,14 @@ class SwitchableLoRA(torch.nn.Module):
             return w
         if mode == TARGET and self.ema_up is not None:
             diff = (self.ema_up @ self.ema_down).reshape(w.shape)
-            scale = float(self.adapter.alpha) / self.adapter.rank
-            return (w + scale * diff).to(w.dtype)
+            return (w + self.scale * diff).to(w.dtype)
         return self.adapter(w)
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         if self.ema_up is not None:
-            self.ema_up.lerp_(self.adapter.lora_up.weight, 1.0 - decay)
-            self.ema_down.lerp_(self.adapter.lora_down.weight, 1.0 - decay)
+            self.ema_up.lerp_(self.up, 1.0 - decay)
+            self.ema_down.lerp_(self.down, 1.0 - decay)
 
     def passive_memory_usage(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
@@ -197,10 +201,10 @@ def is_lora_target(ldm_name: str) -> bool:
 def attach_lora(patcher, rank: int, alpha: float, seed: int, keep_ema: bool, switch: LoRASwitch) -> dict:
     """Add a SwitchableLoRA to every target weight of the UNet (and identity wrappers to the other inference-mode
     weights). LoRA initialisation is seeded and drawn on the CPU, so it is the same on every device."""
-    diffusion_model = patcher.model.diffusion_model
+    diffusion_model = backend.diffusion_model_of(patcher)
     loras, passthrough = {}, PassThrough()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed % SEED_SPACE)
         for name, module in diffusion_model.named_modules():
             if not hasattr(module, "weight_function"):
                 continue
@@ -210,13 +214,13 @@ def attach_lora(patcher, rank: int, alpha: float, seed: int, keep_ema: bool, swi
                 shape_only = torch.empty((), dtype=torch.float32).expand(weight.shape)
                 wrapper = SwitchableLoRA(backend.create_lora_adapter(shape_only, rank, float(alpha)), switch,
                                          keep_ema)
-                patcher.add_weight_wrapper(f"{key}.weight", wrapper)
+                backend.add_weight_wrapper(patcher, f"{key}.weight", wrapper)
                 loras[name] = wrapper
             elif isinstance(weight, torch.Tensor) and weight.is_inference():
-                patcher.add_weight_wrapper(f"{key}.weight", passthrough)
+                backend.add_weight_wrapper(patcher, f"{key}.weight", passthrough)
             bias = getattr(module, "bias", None)
             if isinstance(bias, torch.Tensor) and bias.is_inference():
-                patcher.add_weight_wrapper(f"{key}.bias", passthrough)
+                backend.add_weight_wrapper(patcher, f"{key}.bias", passthrough)
     if not loras:
         raise ValueError("this model has no UNet layers the LoRA can train (no >= 2-D weights under "
                          "diffusion_model); the trainer supports UNet models (SD1.x / SD2.x / SDXL)")
@@ -228,41 +232,10 @@ def native_lora_dict(loras: dict, dtype: torch.dtype) -> dict:
     alpha; conv down weights stay flattened [rank, in*k*k] (tcd.lora.comfy_native_to_canonical reshapes them)."""
     out = {}
     for name, w in loras.items():
-        out[f"diffusion_model.{name}.lora_up.weight"] = w.adapter.lora_up.weight.detach().to("cpu", dtype).clone()
-        out[f"diffusion_model.{name}.lora_down.weight"] = w.adapter.lora_down.weight.detach().to("cpu",
-                                                                                                  dtype).clone()
-        out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(w.adapter.alpha), dtype=torch.float32)
+        out[f"diffusion_model.{name}.lora_up.weight"] = w.up.detach().to("cpu", dtype).clone()
+        out[f"diffusion_model.{name}.lora_down.weight"] = w.down.detach().to("cpu", dtype).clone()
+        out[f"diffusion_model.{name}.alpha"] = torch.tensor(w.alpha, dtype=torch.float32)
     return out
-
-
-# ----------------------------------------------------------------------------------------------- gradient checkpointing
-def enable_gradient_checkpointing(diffusion_model: torch.nn.Module) -> list:
-    """Recompute each UNet block in the backward pass (torch.utils.checkpoint, non-reentrant) instead of keeping
-    its activations; passes without grad (teacher, target) run the plain forward."""
-    import torch.utils.checkpoint as cp
-    patched = []
-    for child in diffusion_model.children():
-        blocks = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
-        for block in blocks:
-            original = block.forward
-
-            def forward(*args, _original=original, **kwargs):
-                if torch.is_grad_enabled():
-                    return cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
-                return _original(*args, **kwargs)
-
-            had_instance_forward = "forward" in block.__dict__
-            block.forward = forward
-            patched.append((block, original if had_instance_forward else None))
-    return patched
-
-
-def disable_gradient_checkpointing(patched: list) -> None:
-    for block, original in patched:
-        if original is None:
-            block.__dict__.pop("forward", None)
-        else:
-            block.forward = original
 
 
 # ----------------------------------------------------------------------------------------------- model calls
@@ -274,10 +247,10 @@ class ComfyModelFn:
     denoised x0 for eps, v and x0 models alike (calculate_denoised)."""
 
     def __init__(self, patcher, switch: LoRASwitch, mode: str, dtype: torch.dtype, device: torch.device):
-        self.base = patcher.model
+        self.patcher = patcher
         self.switch, self.mode = switch, mode
-        self.sigmas = backend.sigma_table(self.base.model_sampling).to(device)
-        self.transformer_options = dict(patcher.model_options.get("transformer_options", {}))
+        self.sigmas = backend.sigma_table(backend.model_sampling_object(patcher)).to(device)
+        self.transformer_options = backend.transformer_options_of(patcher)
         self.autocast = dtype != torch.float32
         self.dtype, self.device = dtype, device
 
@@ -287,13 +260,13 @@ class ComfyModelFn:
         x_ve = x * (1 + sigma ** 2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
         options = dict(self.transformer_options, sigmas=sigma, cond_or_uncond=[0])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
-            out = self.base.apply_model(x_ve, sigma, transformer_options=options, **cond)
+            out = backend.apply_model(self.patcher, x_ve, sigma, options, cond)
         return out.float()
 
 
 def alphas_cumprod_of(patcher) -> torch.Tensor:
     """abar_t = 1 / (1 + sigma_t^2) from the model's own sigma table (float64 in ComfyUI, as its sampling)."""
-    ms = patcher.model.model_sampling
+    ms = backend.model_sampling_object(patcher)
     if backend.schedule_for(ms).kind != "discrete":
         raise ValueError(f"this model uses {type(ms).__name__} (flow matching: SD3 / Flux style); the TCD "
                          f"trainer distils discrete VP models (SD1.x, SD2.x, SDXL, eps or v-prediction)")
@@ -303,8 +276,8 @@ def alphas_cumprod_of(patcher) -> torch.Tensor:
 
 def model_fingerprint(patcher) -> str:
     """Identity of the teacher: the model class, weight names/shapes and a sample of values of some tensors."""
-    h = hashlib.sha256(type(patcher.model).__name__.encode())
-    sd = patcher.model.diffusion_model.state_dict()
+    h = hashlib.sha256(backend.model_class_name(patcher).encode())
+    sd = backend.unet_state_dict(patcher)
     keys = list(sd)
     for k in keys[:2] + keys[len(keys) // 2:len(keys) // 2 + 1] + keys[-2:]:
         h.update(k.encode())
@@ -317,35 +290,39 @@ def model_fingerprint(patcher) -> str:
 # ----------------------------------------------------------------------------------------------- batches
 class Batches:
     """Random batches drawn from the training generator: a first sample uniformly, the rest uniformly among the
-    samples with the same latent size (a batch must be one tensor)."""
+    samples with the same latent size (a batch must be one tensor).
+
+    The whole dataset stays in system memory; only the drawn batch is moved to the compute device, so the
+    dataset's size does not count against VRAM."""
 
     def __init__(self, data: TrainingData, patcher, device: torch.device):
-        base = patcher.model
         self.device = device
-        self.x0 = [base.process_latent_in(x[None].to(device)).float()[0].clone() for x in data.latents]
+        cpu = torch.device("cpu")
+        self.x0 = [backend.process_latent_in(patcher, x[None].to(cpu)).float()[0].clone() for x in data.latents]
         self.buckets: dict[tuple, list[int]] = {}
         for i, x in enumerate(self.x0):
             self.buckets.setdefault(tuple(x.shape), []).append(i)
-        self.conds = [backend.model_cond_item(patcher, c, (1, *data.latents[i].shape), device)
+        self.conds = [backend.model_cond_item(patcher, c, (1, *data.latents[i].shape), cpu)
                       for i, c in enumerate(data.conditionings)]
         self.uncond_items = {}
         if data.uncond is not None:
             for shape in self.buckets:
                 idx = self.buckets[shape][0]
                 self.uncond_items[shape] = backend.model_cond_item(patcher, data.uncond,
-                                                                   (1, *data.latents[idx].shape), device)
+                                                                   (1, *data.latents[idx].shape), cpu)
 
     def draw(self, batch_size: int, generator: torch.Generator):
         first = int(torch.randint(0, len(self.x0), (1,), generator=generator))
         shape = tuple(self.x0[first].shape)
         pool = self.buckets[shape]
-        rest = torch.randint(0, len(pool), (batch_size - 1,), generator=generator).tolist()
+        rest = torch.randint(0, len(pool), (batch_size - 1,), generator=generator).tolist()   # CPU: no sync
         idx = [first] + [pool[j] for j in rest]
-        x0 = torch.stack([self.x0[i] for i in idx])
-        cond = backend.batch_model_conds([self.conds[i] for i in idx])
+        x0 = torch.stack([self.x0[i] for i in idx]).to(self.device, non_blocking=True)
+        cond = backend.move_model_conds(backend.batch_model_conds([self.conds[i] for i in idx]), self.device)
         uncond = None
         if shape in self.uncond_items:
-            uncond = backend.batch_model_conds([self.uncond_items[shape]] * batch_size)
+            uncond = backend.move_model_conds(backend.batch_model_conds([self.uncond_items[shape]] * batch_size),
+                                              self.device)
         return idx, x0, cond, uncond
 
 
@@ -380,23 +357,29 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
     t_start = time.perf_counter()
     device = backend.torch_device()
     dtype = backend.training_dtype(cfg.dtype, device)
-    with torch.inference_mode(False), torch.enable_grad():
-        patcher = model_patcher.clone()
+    # fork_rng: the server's global RNG is the same after training as before (the run's own stream, restored on
+    # resume, lives inside); training_mode: the host's in-training flag where it has one.
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=rng_devices), \
+            backend.training_mode():
+        # Anything in training that draws from torch's global CPU stream draws the run's own, seeded stream.
+        torch.random.default_generator.manual_seed((int(cfg.seed) + GLOBAL_STREAM_OFFSET) % SEED_SPACE)
+        patcher = backend.training_clone(model_patcher)
         if dtype != torch.float32:
-            patcher.set_model_compute_dtype(dtype)
+            backend.set_compute_dtype(patcher, dtype)
         abar = alphas_cumprod_of(patcher)             # also refuses LCM-patched / flow sampling
         objective = make_objective(cfg, abar)
         config = numeric_config(cfg, data.fingerprint(), model_fingerprint(patcher))
         switch = LoRASwitch()
         loras = attach_lora(patcher, cfg.rank, cfg.alpha, cfg.seed, cfg.ema_decay > 0, switch)
         params = [p for w in loras.values() for p in w.trainable()]
-        checkpointed = []
+        checkpointed, frozen = [], {}
         try:
             for p in params:
                 p.requires_grad_(True)
             optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                           weight_decay=cfg.weight_decay)
-            generator = torch.Generator("cpu").manual_seed(int(cfg.seed))
+            generator = torch.Generator("cpu").manual_seed(int(cfg.seed) % SEED_SPACE)
             losses: list[float] = []
             start, validation_losses = 0, []
             if resume and checkpoint_path.is_file():
@@ -406,10 +389,10 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
             if start > cfg.steps:
                 raise ValueError(f"the checkpoint {checkpoint_path.name!r} is at step {start}, beyond "
                                  f"steps={cfg.steps}; raise steps, or turn resume off to start over")
-            patcher.model.requires_grad_(False)
+            frozen = backend.freeze_model(patcher)         # given back as it was in `finally`: the model is shared
             backend.load_for_training(patcher)
             if cfg.gradient_checkpointing:
-                checkpointed = enable_gradient_checkpointing(patcher.model.diffusion_model)
+                checkpointed = backend.enable_gradient_checkpointing(patcher)
             student = ComfyModelFn(patcher, switch, STUDENT, dtype, device)
             target = ComfyModelFn(patcher, switch, TARGET, dtype, device)
             teacher = ComfyModelFn(patcher, switch, TEACHER, dtype, device)
@@ -421,8 +404,7 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
             def state(step: int) -> dict:
                 return {"config": config, "step": step, "losses": list(losses[:step]),
                         "validation_losses": [v for v in result.validation_losses if v[0] <= step],
-                        "lora": {n: {"up": w.adapter.lora_up.weight.detach().cpu().clone(),
-                                     "down": w.adapter.lora_down.weight.detach().cpu().clone()}
+                        "lora": {n: {"up": w.up.detach().cpu().clone(), "down": w.down.detach().cpu().clone()}
                                  for n, w in loras.items()},
                         "ema": {n: {"up": w.ema_up.detach().cpu().clone(), "down": w.ema_down.detach().cpu().clone()}
                                 for n, w in loras.items() if w.ema_up is not None},
@@ -440,12 +422,16 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
                 # The objective on fixed draws (its own generator, so the training stream is untouched), with the
                 # online LoRA as student and target: comparable from step to step, unlike the per-step loss whose
                 # scale swings with the drawn t, s and w.
-                val_gen = torch.Generator("cpu").manual_seed(int(cfg.seed) + VALIDATION_SEED_OFFSET)
+                # Batches of the training size (no memory beyond training's), enough of them for
+                # VALIDATION_MIN_SAMPLES samples per draw.
+                val_gen = torch.Generator("cpu").manual_seed((int(cfg.seed) + VALIDATION_SEED_OFFSET) % SEED_SPACE)
+                per_draw = -(-VALIDATION_MIN_SAMPLES // cfg.batch_size)
                 with torch.no_grad():
                     values = []
                     for _ in range(cfg.validation_draws):
-                        _, x0, cond, uncond = batches.draw(max(cfg.batch_size, VALIDATION_MIN_BATCH), val_gen)
-                        values.append(float(objective(student, student, teacher, x0, cond, uncond, val_gen)))
+                        parts = [objective(student, student, teacher, *batches.draw(cfg.batch_size, val_gen)[1:],
+                                           val_gen) for _ in range(per_draw)]
+                        values.append(float(torch.stack(parts).mean()))
                     result.validation_losses.append([step, sum(values) / len(values)])
                     if validation is not None:
                         switch.mode = STUDENT
@@ -471,9 +457,6 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
                         group["lr"] = lr
                     _, x0, cond, uncond = batches.draw(cfg.batch_size, generator)
                     loss = objective(student, target, teacher, x0, cond, uncond, generator)
-                    value = float(loss.detach())
-                    if not math.isfinite(value):
-                        raise NonFiniteLoss(f"the loss became {value} at step {step + 1}")
                     optimizer.zero_grad(set_to_none=True)
                     switch.mode = STUDENT                  # recomputed (checkpointed) blocks must see the student
                     if scaler is not None:
@@ -483,8 +466,13 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
                         loss.backward()
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
                                                           else float("inf"))
-                    if scaler is None and not math.isfinite(float(norm)):
-                        raise NonFiniteLoss(f"the gradient became {float(norm)} at step {step + 1}")
+                    # One device sync per step, for the loss curve and to refuse a non-finite step before the
+                    # optimizer applies it (with fp16's GradScaler an inf gradient is the scaler's to skip).
+                    value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
+                    if not math.isfinite(value):
+                        raise NonFiniteLoss(f"the loss became {value} at step {step + 1}")
+                    if scaler is None and not math.isfinite(norm_value):
+                        raise NonFiniteLoss(f"the gradient became {norm_value} at step {step + 1}")
                     committing = True
                     if scaler is not None:
                         scaler.step(optimizer)
@@ -521,11 +509,12 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
                 raise
         finally:
             switch.mode = STUDENT
-            disable_gradient_checkpointing(checkpointed)
+            backend.disable_gradient_checkpointing(checkpointed)
             for p in params:
                 p.requires_grad_(False)
+            backend.thaw_model(frozen)
             backend.detach_weight_wrappers(patcher, list(loras.values()) + [
-                f for fs in patcher.weight_wrapper_patches.values() for f in fs if isinstance(f, PassThrough)])
+                f for f in backend.weight_wrappers(patcher) if isinstance(f, PassThrough)])
         result.native_lora = native_lora_dict(loras, SAVE_DTYPES[cfg.save_dtype])
         result.steps_done = done
         result.seconds = time.perf_counter() - t_start
@@ -543,8 +532,8 @@ def _restore(saved: dict, config: dict, loras: dict, optimizer, generator, path:
                          f"resume off to start over")
     with torch.no_grad():
         for name, w in loras.items():
-            w.adapter.lora_up.weight.copy_(saved["lora"][name]["up"])
-            w.adapter.lora_down.weight.copy_(saved["lora"][name]["down"])
+            w.up.copy_(saved["lora"][name]["up"])
+            w.down.copy_(saved["lora"][name]["down"])
             if w.ema_up is not None:
                 w.ema_up.copy_(saved["ema"][name]["up"])
                 w.ema_down.copy_(saved["ema"][name]["down"])
@@ -558,7 +547,7 @@ def _restore(saved: dict, config: dict, loras: dict, optimizer, generator, path:
 def _validation_image(patcher, validation: Validation, data: TrainingData) -> torch.Tensor:
     shape = (1, *data.latents[0].shape)
     latent = torch.zeros(shape, dtype=torch.float32)
-    sigmas = validation.sigmas_fn(patcher.model.model_sampling)
+    sigmas = validation.sigmas_fn(backend.model_sampling_object(patcher))
     samples = backend.sample_latent(patcher, validation.sampler, sigmas, validation.positive, None, 1.0, latent,
                                     validation.seed)
     return _decode(validation.vae, samples)

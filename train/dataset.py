@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..tcd import backend
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -188,9 +190,8 @@ def from_image_folder(folder: str, vae, clip, resolution: int, cache_dir: Path |
         raise ValueError(f"resolution={resolution} must be a multiple of 8 and at least 64")
     path = resolve_folder(folder, base_dir)
     pairs = list_captioned_images(path)
-    vae_fp = weights_fingerprint(getattr(vae, "first_stage_model", None))
-    clip_fp = weights_fingerprint(getattr(getattr(clip, "cond_stage_model", None), "transformer", None)
-                                  or getattr(clip, "cond_stage_model", None))
+    vae_fp = weights_fingerprint(backend.vae_weights_module(vae))
+    clip_fp = weights_fingerprint(backend.clip_weights_module(clip))
     if cache_dir is not None:
         cache_dir.mkdir(parents=True, exist_ok=True)
     latents, conds, captions = [], [], []

@@ -246,3 +246,58 @@ def test_recipe_input_sets_the_objective_and_the_file_records_it(env, recipe):
     config = json.loads(meta["tcd.config"])
     expected = recipes[recipe] if recipe != "custom" else {"rho": 0.75, "loss": "l2", "tcf_order": 2}
     assert {k: config[k] for k in ("rho", "loss", "tcf_order")} == expected
+
+
+# ------------------------------------------------------------------------------------------------ host hygiene
+def test_training_leaves_the_servers_rng_and_the_shared_models_flags_as_they_were(env):
+    """The model is shared with every other node of the graph and the global RNG with every other prompt: a run
+    (here with validation and the largest seed the node accepts, whose derived seeds wrap modulo 2^64) must give
+    both back unchanged."""
+    base = env["backend"].base_model_of(env["model"])
+    flags_before = [p.requires_grad for p in base.parameters()]
+    torch.manual_seed(1234)
+    rng_before = torch.get_rng_state()
+    run_node(env, "inproc_hygiene", steps=2, seed=2 ** 64 - 1, validation_every=1, validation_draws=1)
+    assert torch.equal(torch.get_rng_state(), rng_before)
+    assert [p.requires_grad for p in base.parameters()] == flags_before
+
+
+def test_validation_passes_are_no_larger_than_training_passes(env):
+    """Validation draws batches of the training size (more of them), so it needs no memory beyond training's."""
+    net = env["backend"].diffusion_model_of(env["model"])
+    seen = {"phase": "train", "train": 0, "validation": 0}
+    def record(_module, args, kwargs):
+        x = args[0] if args else kwargs["x"]
+        seen[seen["phase"]] = max(seen[seen["phase"]], x.shape[0])
+
+    handle = net.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        # The first run's largest pass is its validation's (at step 0 and 1, 8 samples per draw before); the
+        # second run has no validation.
+        seen["phase"] = "validation"
+        run_node(env, "inproc_valbatch_v", steps=1, batch_size=1, validation_every=1, validation_draws=1)
+        seen["phase"] = "train"
+        run_node(env, "inproc_valbatch_t", steps=1, batch_size=1, validation_every=0)
+    finally:
+        handle.remove()
+    assert env["loop"].VALIDATION_MIN_SAMPLES > 1   # validation still averages several samples per draw
+    assert 0 < seen["validation"] <= seen["train"], seen
+
+
+def test_training_batches_leave_the_dataset_in_system_memory(env):
+    """Only the drawn batch goes to the compute device; the dataset (latents and conditions) stays on the CPU.
+    Checked with torch's meta device as the compute device: every stored tensor must still be a CPU tensor and
+    every drawn one a meta tensor."""
+    loop = env["loop"]
+    from importlib import import_module
+    dataset = import_module(env["loop"].__name__.rsplit(".", 1)[0] + ".dataset")
+    data = dataset.from_latents_and_conditioning(env["latents"], env["conds"], env["uncond"])
+    batches = loop.Batches(data, env["model"], torch.device("meta"))
+    assert all(x.device.type == "cpu" for x in batches.x0)
+    stored = [getattr(v, "cond", v) for item in batches.conds for v in item.values()]   # CONDRegular.cond
+    stored = [t for t in stored if isinstance(t, torch.Tensor)]
+    assert stored and all(t.device.type == "cpu" for t in stored)
+    _, x0, cond, uncond = batches.draw(2, torch.Generator().manual_seed(0))
+    assert x0.device.type == "meta" and x0.shape[0] == 2
+    drawn = [v for v in list(cond.values()) + list(uncond.values()) if isinstance(v, torch.Tensor)]
+    assert drawn and all(v.device.type == "meta" for v in drawn)
