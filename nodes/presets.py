@@ -139,8 +139,8 @@ class FewStepPreset:
             info.append(f"note: the loader applied strength {family['strength_model']:g}; the family's is "
                         f"{p.lora_strength:g}")
         info += [f"source ({k}): {v}" for k, v in p.sources.items()]
-        info += [f"WARNING: KSampler's {key.replace(':', ' ')!r} belongs to {owner}, not to this pack: in KSampler pick "
-                 f"'{FALLBACK_NAME}' for this pack's TCD, or use this node's sampler output"
+        info += [f"WARNING: KSampler's {key.replace(':', ' ')!r} belongs to {owner}, not to this pack: in KSampler "
+                 f"pick '{FALLBACK_NAME}' for this pack's TCD, or use this node's sampler output"
                  for key, owner in TAKEN_BY_OTHERS.items()]
         guidance = s["flux_guidance"] if s["flux_guidance"] is not None else FLUX_GUIDANCE_DEFAULT
         return (sampler, sigmas, float(s["cfg"]), float(guidance), float(s["lora_strength"]), int(n), "\n".join(info))

@@ -129,12 +129,15 @@ def gamma_comparison():
         sample = g.add("SamplerCustomAdvanced", noise=g.out(noise), guider=g.out(guider), sampler=g.out(sampler),
                        sigmas=g.out(sigmas), latent_image=g.out(latent))
         images.append(g.add("VAEDecode", samples=g.out(sample), vae=g.out(ckpt, 2)))
-    batch = g.add("ImageBatch", image1=g.out(images[0]), image2=g.out(images[1]))
-    batch = g.add("ImageBatch", image1=g.out(batch), image2=g.out(images[2]))
-    batch = g.add("ImageBatch", image1=g.out(batch), image2=g.out(images[3]))
+    # ImageStitch (core since 0.3.4x, same inputs in 0.3.75 and 0.33) rather than ImageBatch, deprecated in newer
+    # hosts: one picture, left to right, that the Save Image preview shows whole.
+    batch = images[0]
+    for image in images[1:]:
+        batch = g.add("ImageStitch", image1=g.out(batch), direction="right", match_image_size=True,
+                      spacing_width=8, spacing_color="white", image2=g.out(image))
     g.add("SaveImage", filename_prefix="tcd_gamma_0_03_06_10", images=g.out(batch))
     return g.nodes, [
-        "Same seed, same 4 steps, gamma 0 / 0.3 / 0.6 / 1.0 side by side (saved as one batch, left to right).\n"
+        "Same seed, same 4 steps, gamma 0 / 0.3 / 0.6 / 1.0 side by side (stitched into one picture, left to right).\n"
         "gamma trades detail against stochasticity: low gamma keeps fine detail, high gamma is smoother "
         "(LCM-like).",
     ]

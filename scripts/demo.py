@@ -52,6 +52,18 @@ def link_into(folder: Path, src: Path) -> str:
     return src.name
 
 
+DEFAULT_NAME = "tcd_demo.png"
+
+
+def output_file(given: str) -> Path:
+    """--out as a file, or as a folder (an existing one, or a path ending in a slash) that gets tcd_demo.png: make
+    passes OUT from the environment, where it often names a folder."""
+    path = Path(given).expanduser()
+    if path.is_dir() or given.endswith(("/", "\\")):
+        path = path / DEFAULT_NAME
+    return path.resolve()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="an SD1.5/SDXL checkpoint (.safetensors); default: the embedded tiny model")
@@ -82,7 +94,7 @@ def main():
             result = server.run_prompt(demo_graph(ckpt_name, lora_name, size, a.steps, a.seed, a.prompt))
         except (comfyhost.PromptRejected, comfyhost.PromptFailed) as e:
             raise SystemExit(f"the demo graph failed: {e}")
-    out = Path(a.out).resolve()
+    out = output_file(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_bytes(result["images"][0])
