@@ -22,6 +22,7 @@ test-unit: host
 # Refresh the README's screenshots and the bad-input matrix from the tests that record them.
 docs-assets: host
 	@$(HOST) TCD_UPDATE_DOCS=1 "$$HOST_PY" -m pytest -c tests/pytest.ini tests/ui/test_workflows_ui.py tests/server/test_hardening.py $(PYTEST_ARGS)
+	@$(HOST) "$$HOST_PY" scripts/bad_inputs_doc.py
 
 bench: host
 	@$(HOST) "$$HOST_PY" benchmarks/run_all.py

@@ -113,15 +113,20 @@ def test_saved_lora_is_canonical_and_core_loraloader_applies_every_layer(env, tr
 
 
 def test_cancel_then_resume_equals_uninterrupted_run(env):
-    """Cancel through ComfyUI's own interrupt flag (what /interrupt sets) at step 3 of 7, then resume."""
+    """Cancel through ComfyUI's own interrupt flag (what /interrupt sets) at step 3 of 7 or the first progress
+    report after it (newer hosts throttle ProgressBar hooks to one per 100 ms, so not every step reaches the hook),
+    then resume."""
     import comfy.model_management as mm
     import comfy.utils
     settings = dict(steps=7, save_every=2, ema_decay=0.9)
     run_node(env, "ref", **settings)
     ref, ref_meta = read_lora(env["loras"] / "ref.safetensors")
 
+    cancelled_at = []
+
     def cancel_at_3(value, total, preview=None, node_id=None):
-        if value >= 3:
+        if value >= 3 and not cancelled_at:
+            cancelled_at.append(value)
             mm.interrupt_current_processing(True)
     comfy.utils.set_progress_bar_global_hook(cancel_at_3)
     try:
@@ -131,7 +136,8 @@ def test_cancel_then_resume_equals_uninterrupted_run(env):
         comfy.utils.set_progress_bar_global_hook(None)
         mm.interrupt_current_processing(False)
     state = torch.load(env["out"] / "tcd_train" / "cut.state.pt", weights_only=True)
-    assert state["step"] == 3 and len(state["losses"]) == 3
+    assert cancelled_at and 3 <= cancelled_at[0] < 7
+    assert state["step"] == cancelled_at[0] and len(state["losses"]) == cancelled_at[0]
 
     run_node(env, "cut", **dict(settings, resume=True))
     cut, cut_meta = read_lora(env["loras"] / "cut.safetensors")
