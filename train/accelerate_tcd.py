@@ -40,19 +40,17 @@ try:
     from ..tcd import lora as tcd_lora
     from ..tcd import losses as tcd_losses
     from ..tcd.files import save_safetensors_atomic
+    from ..tcd.lora_targets import LORA_TARGET_MODULES
 except ImportError:
     from tcd import lora as tcd_lora
     from tcd import losses as tcd_losses
     from tcd.files import save_safetensors_atomic
+    from tcd.lora_targets import LORA_TARGET_MODULES
+from . import images as training_images
 
 ARCHITECTURES = ("sd", "sdxl")
 PIPELINE_CLASS_TO_ARCH = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024}
-# The LCM-LoRA recipe's target modules (diffusers train_lcm_distill_lora_sdxl.py / _sd_wds.py).
-LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
-                       "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
-                       "time_emb_proj")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 STATE_FILES = ("training_state.json", "lora_state.safetensors", "optimizer.bin")
 LOG_FILE = "train_log.jsonl"
 # Independent random streams derived from (seed, stream, index): see sample_seed().
@@ -160,7 +158,7 @@ class Plan:
     """What validate_args found: everything later steps need without re-reading the file system."""
     arch: str
     single_file: bool
-    items: list                                # [(image path, caption path)], sorted
+    items: list                                # [(image path, caption text)], sorted
     resolution: int
     num_train_timesteps: int = 1000
     resume_dir: Path | None = None
@@ -331,20 +329,15 @@ def detect_architecture(model: Path) -> str:
 
 
 def find_captioned_images(folder: Path) -> list:
-    """Sorted (image, caption) pairs; a clear error for a missing/empty folder or images without captions."""
+    """Sorted (image, caption text) pairs (train.images, shared with the node); a clear error for a missing or
+    empty folder, images without captions or captions that are not UTF-8."""
     if not folder.is_dir():
         raise ConfigError(f"--train_data_dir {str(folder)!r} is not a folder; give a folder of images with a "
                           f".txt caption each (img_001.png + img_001.txt).")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
-    if not images:
-        raise ConfigError(f"--train_data_dir {str(folder)!r} holds no images ({', '.join(IMAGE_SUFFIXES)}); the "
-                          f"dataset is empty.")
-    missing = [p for p in images if not p.with_suffix(".txt").is_file()]
-    if missing:
-        shown = ", ".join(str(p.relative_to(folder)) for p in missing[:5])
-        raise ConfigError(f"{len(missing)} of {len(images)} images in {str(folder)!r} have no .txt caption "
-                          f"(e.g. {shown}); add a caption file of the same name (an empty file for no caption).")
-    return [(p, p.with_suffix(".txt")) for p in images]
+    try:
+        return training_images.list_captioned_images(folder)
+    except ValueError as e:
+        raise ConfigError(f"--train_data_dir: {e}") from None
 
 
 def resolve_resume(value: str, output_dir: Path) -> tuple[Path, int]:
@@ -457,29 +450,20 @@ class CaptionedImages(torch.utils.data.Dataset):
 
     def __getitem__(self, position: int) -> dict:
         from PIL import Image
-        image_path, caption_path = self.items[self.order.index(position)]
-        try:
-            with Image.open(image_path) as im:
-                image = im.convert("RGB")
-        except Exception as e:
-            raise ValueError(f"cannot read training image {str(image_path)!r} ({type(e).__name__}: {e}); fix or "
-                             f"remove it (and its caption).") from None
-        caption = caption_path.read_text(encoding="utf-8", errors="replace").strip()
+        image_path, caption = self.items[self.order.index(position)]
+        image = training_images.open_rgb(image_path)
         rng = np.random.default_rng(sample_seed(self.seed, STREAM_AUGMENT, position))
         original_size = (image.height, image.width)
         res = self.resolution
-        scale = res / min(image.width, image.height)
-        w, h = max(res, round(image.width * scale)), max(res, round(image.height * scale))
-        image = image.resize((w, h), Image.BICUBIC)
-        if self.random_crop:
-            y, x = int(rng.integers(0, h - res + 1)), int(rng.integers(0, w - res + 1))
-        else:
-            y, x = max(0, int(round((h - res) / 2.0))), max(0, int(round((w - res) / 2.0)))
-        image = image.crop((x, y, x + res, y + res))
+        image = training_images.resize_shorter_side(image, res)
+        w, h = image.size
+        y, x = (training_images.random_crop_origin(w, h, res, rng) if self.random_crop
+                else training_images.centre_crop_origin(w, h, res))
+        image = training_images.crop_square(image, y, x, res)
         if self.random_flip and rng.random() < 0.5:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
             x = w - x - res
-        pixels = torch.from_numpy(np.asarray(image, dtype=np.float32).copy()).permute(2, 0, 1) / 127.5 - 1.0
+        pixels = torch.from_numpy(training_images.as_array(image)).permute(2, 0, 1) * 2.0 - 1.0
         return {"pixels": pixels, "caption": caption, "original_size": original_size, "crop_top_left": (y, x),
                 "position": position}
 

@@ -31,6 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from ..tcd import backend
+from ..tcd.lora_targets import is_lora_target
 from ..tcd.losses import RECIPES, LCMLoss, TCDLoss
 from .checkpoint import config_differences, load_state, save_state
 from .dataset import TrainingData
@@ -47,10 +48,6 @@ STUDENT, TARGET, TEACHER = "student", "target", "teacher"
 # Settings a resumed run may change without changing the numbers it computes.
 RESUME_MAY_CHANGE = ("steps", "save_every", "validation_every", "validation_draws", "gradient_checkpointing",
                      "save_dtype")
-# Layers the LoRA trains: every >= 2-D UNet weight except conv_in / conv_out / the time (and SDXL label)
-# embedding, i.e. the target modules of diffusers' LCM-LoRA recipe (attention q/k/v/out, proj_in/out, ff,
-# resnet conv1/conv2/conv_shortcut/time_emb_proj, down/upsamplers).
-EXCLUDED_LDM_PREFIXES = ("time_embed.", "label_emb.", "input_blocks.0.0", "out.")
 
 
 @dataclass
@@ -194,14 +191,17 @@ class PassThrough(torch.nn.Module):
         return 0
 
 
-def is_lora_target(ldm_name: str) -> bool:
-    return not ldm_name.startswith(EXCLUDED_LDM_PREFIXES)
+def lora_target_names(patcher) -> set[str]:
+    """ldm module names of the UNet layers the LoRA trains: those whose diffusers name (ComfyUI's own table) is a
+    target of tcd.lora_targets, the definition the accelerate CLI uses too."""
+    return {ldm for ldm, diffusers in backend.unet_ldm_to_diffusers(patcher).items() if is_lora_target(diffusers)}
 
 
 def attach_lora(patcher, rank: int, alpha: float, seed: int, keep_ema: bool, switch: LoRASwitch) -> dict:
     """Add a SwitchableLoRA to every target weight of the UNet (and identity wrappers to the other inference-mode
     weights). LoRA initialisation is seeded and drawn on the CPU, so it is the same on every device."""
     diffusion_model = backend.diffusion_model_of(patcher)
+    targets = lora_target_names(patcher)
     loras, passthrough = {}, PassThrough()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed % SEED_SPACE)
@@ -210,7 +210,7 @@ def attach_lora(patcher, rank: int, alpha: float, seed: int, keep_ema: bool, swi
                 continue
             weight = getattr(module, "weight", None)
             key = f"diffusion_model.{name}"
-            if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and is_lora_target(name):
+            if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and name in targets:
                 shape_only = torch.empty((), dtype=torch.float32).expand(weight.shape)
                 wrapper = SwitchableLoRA(backend.create_lora_adapter(shape_only, rank, float(alpha)), switch,
                                          keep_ema)

@@ -15,12 +15,11 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..tcd import backend
+from .images import PREPROCESSING_VERSION, list_captioned_images, load_square
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
 @dataclass
@@ -119,47 +118,10 @@ def resolve_folder(folder: str, base_dir: str | None) -> Path:
     return path
 
 
-def list_captioned_images(folder: Path) -> list[tuple[Path, str]]:
-    """(image, caption) pairs, sorted by name; errors for an empty folder or images without a caption file."""
-    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not images:
-        present = sorted(p.name for p in folder.iterdir())[:10]
-        raise ValueError(f"no images in {str(folder)!r} (looked for {', '.join(IMAGE_SUFFIXES)}; found "
-                         f"{present or 'nothing'}). Put the training images there, each with a same-name .txt "
-                         f"caption")
-    missing = [p.name for p in images if not p.with_suffix(".txt").is_file()]
-    if missing:
-        raise ValueError(f"{len(missing)} image(s) in {str(folder)!r} have no caption file: {missing[:10]}. Each "
-                         f"image needs a same-name .txt caption (e.g. {Path(missing[0]).stem}.txt); an empty file "
-                         f"trains that image unconditionally")
-    pairs = []
-    for p in images:
-        try:
-            caption = p.with_suffix(".txt").read_text(encoding="utf-8").strip()
-        except UnicodeDecodeError:
-            raise ValueError(f"caption {p.with_suffix('.txt').name!r} is not UTF-8 text; save it as UTF-8") from None
-        pairs.append((p, caption))
-    return pairs
-
-
 def load_image(path: Path, resolution: int) -> torch.Tensor:
-    """An image as a ComfyUI IMAGE [1, R, R, 3] in [0, 1]: shorter side resized to R, centre-cropped square."""
-    from PIL import Image, ImageOps
-    try:
-        with Image.open(path) as im:
-            im = ImageOps.exif_transpose(im)
-            im.load()
-            im = im.convert("RGB")
-    except Exception as e:
-        raise ValueError(f"cannot read image {path.name!r} in {str(path.parent)!r} ({type(e).__name__}: {e}). "
-                         f"Replace or remove that file") from None
-    w, h = im.size
-    scale = resolution / min(w, h)
-    im = im.resize((max(resolution, round(w * scale)), max(resolution, round(h * scale))), Image.LANCZOS)
-    w, h = im.size
-    left, top = (w - resolution) // 2, (h - resolution) // 2
-    im = im.crop((left, top, left + resolution, top + resolution))
-    return torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)[None]
+    """An image as a ComfyUI IMAGE [1, R, R, 3] in [0, 1] (train.images: EXIF-oriented, shorter side resized to R,
+    centre-cropped square)."""
+    return torch.from_numpy(load_square(path, resolution))[None]
 
 
 def weights_fingerprint(module) -> str:
@@ -196,8 +158,8 @@ def from_image_folder(folder: str, vae, clip, resolution: int, cache_dir: Path |
         cache_dir.mkdir(parents=True, exist_ok=True)
     latents, conds, captions = [], [], []
     for image_path, caption in pairs:
-        key = hashlib.sha256(image_path.read_bytes() + caption.encode() + f"|{resolution}|{vae_fp}|{clip_fp}"
-                             .encode()).hexdigest()[:32]
+        key = hashlib.sha256(image_path.read_bytes() + caption.encode() +
+                             f"|{resolution}|{vae_fp}|{clip_fp}|{PREPROCESSING_VERSION}".encode()).hexdigest()[:32]
         cached = _read_cache(cache_dir / f"{key}.safetensors") if cache_dir is not None else None
         if cached is None:
             pixels = load_image(image_path, resolution)

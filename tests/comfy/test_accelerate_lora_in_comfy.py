@@ -95,6 +95,16 @@ def test_cli_lora_applies_every_layer_in_comfyui(pack, kl_ckpt, trained, loras_d
         atol = 4 * torch.finfo(torch.float32).eps * float(base.abs().max())
         torch.testing.assert_close(patched - base, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{module}: {m}")
 
+    # The node's trainer targets exactly the layers the CLI trained (one definition, tcd.lora_targets; the node
+    # reaches it through ComfyUI's ldm -> diffusers table, the CLI through PEFT's target_modules on diffusers).
+    import importlib
+    loop = importlib.import_module(pack.__name__ + ".train.comfy_loop")
+    ldm_to_diffusers = backend.unet_ldm_to_diffusers(model)
+    node_targets = {ldm_to_diffusers[n] for n in loop.lora_target_names(model)
+                    if f"{n}.weight" in unet_sd and unet_sd[f"{n}.weight"].ndim >= 2}
+    cli_targets = {k[len("unet."):-len(".lora_A.weight")] for k in lora if ".lora_A." in k}
+    assert node_targets == cli_targets, (sorted(node_targets - cli_targets), sorted(cli_targets - node_targets))
+
     # For the record (not this pack's behaviour): core's loader on the same file, as users of LoraLoader get it.
     core_model, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
     n_core = sum(len(v) > len(model.patches.get(k, [])) for k, v in core_model.patches.items())

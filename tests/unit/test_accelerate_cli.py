@@ -30,10 +30,12 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 TRAIN = ["--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
          "--lora_rank", "4", "--dataloader_num_workers", "0", "--ema_decay", "0.5", "--lr_scheduler",
          "constant_with_warmup", "--lr_warmup_steps", "3", "--seed", "0", "--cpu"]
-# LoRA delta B @ A of the 2-process run vs the 1-process run, relative (Frobenius over all layers). Measured 3.3e-4:
-# float reduction order (batch 2 vs batch 1 forwards, gloo all-reduce) amplified by Adam's normalised steps; a
-# different seed gives 1.4 and a different data split would too.
-SPLIT_TOLERANCE = 2e-3
+# The 2-process run may differ from the 1-process run only by float reduction order (batch 2 vs batch 1 forwards,
+# gloo all-reduce), which Adam's normalised steps amplify. The reference for that noise is measured in the same run:
+# the 1-process run repeated with batch 1 x 4 accumulation instead of 2 x 2 (the same samples and draws, another
+# reduction order). The split may be at most REDUCTION_NOISE_FACTOR times that, an order of magnitude; a different
+# seed or data split moves the LoRA by O(1).
+REDUCTION_NOISE_FACTOR = 10.0
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -144,8 +146,8 @@ def _bad_cases(sd_folder, data, work):
         ("pickle checkpoint", dict(model=ckpt), [], "must be .safetensors"),
         ("arch mismatch", {}, ["--arch", "sdxl"], "does not match"),
         ("missing data folder", dict(data=work / "no_data"), [], "is not a folder"),
-        ("empty dataset", dict(data=empty), [], "the dataset is empty"),
-        ("image without caption", dict(data=uncaptioned), [], "have no .txt caption"),
+        ("empty dataset", dict(data=empty), [], "no images in"),
+        ("image without caption", dict(data=uncaptioned), [], "have no caption file"),
         ("resolution not divisible by 8", {}, ["--resolution", "500"], "not a positive multiple of 8"),
         ("resume latest without checkpoints", {}, ["--resume_from_checkpoint", "latest"],
          "no checkpoint with saved training state"),
@@ -258,8 +260,14 @@ def test_two_processes_match_one_process(sd_folder, data, work, one_process):
                                     two / "pytorch_lora_weights.safetensors")
     rel_ema = relative_delta_difference(one_process / "pytorch_lora_weights_ema.safetensors",
                                         two / "pytorch_lora_weights_ema.safetensors")
-    print(f"1 vs 2 processes: losses {l1} vs {l2}; relative LoRA delta difference {rel:.2e} (EMA {rel_ema:.2e})")
-    assert rel <= SPLIT_TOLERANCE and rel_ema <= SPLIT_TOLERANCE
+    micro = train_run(sd_folder, data, work / "one_micro", "--train_batch_size", "1",
+                      "--gradient_accumulation_steps", "4")
+    noise = relative_delta_difference(one_process / "pytorch_lora_weights.safetensors",
+                                      micro / "pytorch_lora_weights.safetensors")
+    print(f"1 vs 2 processes: losses {l1} vs {l2}; relative LoRA delta difference {rel:.2e} (EMA {rel_ema:.2e}); "
+          f"reduction-order reference (1 process, batch 2x2 vs 1x4) {noise:.2e}")
+    assert 0 < noise < 0.1                                    # a float-noise reference, not a different run
+    assert rel <= REDUCTION_NOISE_FACTOR * noise and rel_ema <= REDUCTION_NOISE_FACTOR * noise
     ema_vs_online = relative_delta_difference(one_process / "pytorch_lora_weights.safetensors",
                                               one_process / "pytorch_lora_weights_ema.safetensors")
     assert ema_vs_online > 0.05                               # the EMA file really holds the EMA
