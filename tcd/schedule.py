@@ -99,6 +99,18 @@ def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyu
     raise ValueError(f"denoise mode {mode!r} is not one of {DENOISE_MODES}")
 
 
+def alphas_cumprod_from_sigmas(sigmas: torch.Tensor) -> torch.Tensor:
+    """abar_t = 1 / (1 + sigma_t^2): the VP schedule behind a ComfyUI sigma table (the inverse of
+    sigma_t = sqrt((1 - abar_t) / abar_t))."""
+    return 1.0 / (1.0 + sigmas ** 2)
+
+
+def vp_to_ve_scale(sigma: torch.Tensor) -> torch.Tensor:
+    """x_VE / x_VP = sqrt(1 + sigma^2): a VP latent x_t = sqrt(abar) x0 + sqrt(1 - abar) eps, divided by sqrt(abar),
+    is the VE latent x0 + sigma eps that ComfyUI's EPS / V models take (their calculate_input divides it back)."""
+    return (1 + sigma ** 2).sqrt()
+
+
 def sigmas_at_timesteps(table: torch.Tensor, timesteps: Sequence[int]) -> torch.Tensor:
     """SIGMAS for a sampler: entries `timesteps` of a model's ascending sigma table, then a final 0.
 

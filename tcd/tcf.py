@@ -40,12 +40,6 @@ def half_log_snr(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     return torch.log(alpha) - torch.log(sigma)
 
 
-def vp_from_half_log_snr(lam: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha, sigma) of a VP process at half log-SNR lambda: alpha^2 = sigmoid(2 lambda), sigma^2 = sigmoid(-2
-    lambda)."""
-    return torch.sigmoid(2 * lam).sqrt(), torch.sigmoid(-2 * lam).sqrt()
-
-
 # ----------------------------------------------------------------------------------------------- model outputs
 def x0_eps_from_output(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
                        prediction_type: str = "epsilon") -> tuple[torch.Tensor, torch.Tensor]:

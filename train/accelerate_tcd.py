@@ -104,8 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--huber_c", type=float, default=0.001)
     g.add_argument("--tcf_order", type=int, choices=(1, 2), default=None,
                    help="1 = DDIM form, 2 = DPM-Solver++(2S) midpoint (two student passes)")
-    g.add_argument("--ema_decay", type=float, default=0.0,
-                   help="0 = target is the online LoRA under no_grad (LCM-LoRA recipe); >0 = EMA of the LoRA")
+    g.add_argument("--ema_decay", type=float, default=0.95,
+                   help="target network: EMA of the LoRA with this decay (0.95, the LCM/TCD full-model scripts' and "
+                        "the node's default, the setting of the toy study); 0 = the online LoRA under no_grad "
+                        "(diffusers' LCM-LoRA script)")
     g = p.add_argument_group("LoRA and optimisation")
     g.add_argument("--lora_rank", type=int, default=64)
     g.add_argument("--lora_alpha", type=float, default=None, help="default: the rank (scale 1)")

@@ -32,6 +32,7 @@ import torch
 
 from ..tcd import backend
 from ..tcd.lora_targets import is_lora_target
+from ..tcd.schedule import alphas_cumprod_from_sigmas, vp_to_ve_scale
 from ..tcd.losses import RECIPES, LCMLoss, TCDLoss
 from .checkpoint import config_differences, load_state, save_state
 from .dataset import TrainingData
@@ -257,7 +258,7 @@ class ComfyModelFn:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
         self.switch.mode = self.mode
         sigma = self.sigmas[t.long()]
-        x_ve = x * (1 + sigma ** 2).sqrt().reshape(-1, *([1] * (x.ndim - 1)))
+        x_ve = x * vp_to_ve_scale(sigma).reshape(-1, *([1] * (x.ndim - 1)))
         options = dict(self.transformer_options, sigmas=sigma, cond_or_uncond=[0])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             out = backend.apply_model(self.patcher, x_ve, sigma, options, cond)
@@ -270,8 +271,7 @@ def alphas_cumprod_of(patcher) -> torch.Tensor:
     if backend.schedule_for(ms).kind != "discrete":
         raise ValueError(f"this model uses {type(ms).__name__} (flow matching: SD3 / Flux style); the TCD "
                          f"trainer distils discrete VP models (SD1.x, SD2.x, SDXL, eps or v-prediction)")
-    sigmas = backend.sigma_table(ms).double()
-    return (1.0 / (1.0 + sigmas ** 2)).float()
+    return alphas_cumprod_from_sigmas(backend.sigma_table(ms).double()).float()
 
 
 def model_fingerprint(patcher) -> str:

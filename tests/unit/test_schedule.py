@@ -94,3 +94,16 @@ def test_sigma_s_floor_is_float32_like_diffusers():
     assert table.sigma_s(table.sigma_at(500), 0.07) == pytest.approx(table.sigma_at(t_s), rel=0, abs=0)
     # off-grid sigma_next (karras): sigma_s never exceeds it
     assert table.sigma_s(1.2345, 0.0) <= 1.2345
+
+
+def test_vp_ve_conversions_invert_the_sigma_table():
+    """sigma_t = sqrt((1 - abar_t) / abar_t) (ComfyUI's EPS table) and back; a VP latent times sqrt(1 + sigma^2) is
+    the VE latent x0 + sigma eps exactly."""
+    from tcd.schedule import alphas_cumprod_from_sigmas, vp_to_ve_scale
+    abar = vp_alphas_cumprod().double()
+    sigmas = ((1 - abar) / abar).sqrt()
+    torch.testing.assert_close(alphas_cumprod_from_sigmas(sigmas), abar, rtol=1e-12, atol=0)
+    x0, eps = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t = 500
+    x_vp = abar[t].sqrt() * x0 + (1 - abar[t]).sqrt() * eps
+    torch.testing.assert_close(x_vp * vp_to_ve_scale(sigmas[t]), x0 + sigmas[t] * eps, rtol=1e-12, atol=1e-12)
