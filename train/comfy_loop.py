@@ -356,7 +356,6 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
         raise ValueError("the training data is empty")
     t_start = time.perf_counter()
     device = backend.torch_device()
-    dtype = backend.training_dtype(cfg.dtype, device)
     # fork_rng: the server's global RNG is the same after training as before (the run's own stream, restored on
     # resume, lives inside); training_mode: the host's in-training flag where it has one.
     rng_devices = [device.index or 0] if device.type == "cuda" else []
@@ -364,161 +363,208 @@ def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint
             backend.training_mode():
         # Anything in training that draws from torch's global CPU stream draws the run's own, seeded stream.
         torch.random.default_generator.manual_seed((int(cfg.seed) + GLOBAL_STREAM_OFFSET) % SEED_SPACE)
-        patcher = backend.training_clone(model_patcher)
-        if dtype != torch.float32:
-            backend.set_compute_dtype(patcher, dtype)
-        abar = alphas_cumprod_of(patcher)             # also refuses LCM-patched / flow sampling
-        objective = make_objective(cfg, abar)
-        config = numeric_config(cfg, data.fingerprint(), model_fingerprint(patcher))
-        switch = LoRASwitch()
-        loras = attach_lora(patcher, cfg.rank, cfg.alpha, cfg.seed, cfg.ema_decay > 0, switch)
-        params = [p for w in loras.values() for p in w.trainable()]
-        checkpointed, frozen = [], {}
+        run = DistillRun(model_patcher, data, cfg, checkpoint_path, device, validation, on_save)
         try:
-            for p in params:
-                p.requires_grad_(True)
-            optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                          weight_decay=cfg.weight_decay)
-            generator = torch.Generator("cpu").manual_seed(int(cfg.seed) % SEED_SPACE)
-            losses: list[float] = []
-            start, validation_losses = 0, []
-            if resume and checkpoint_path.is_file():
-                start, losses, validation_losses = _restore(load_state(checkpoint_path), config, loras, optimizer,
-                                                            generator, checkpoint_path)
-                log.info("TCD trainer: resuming %s at step %d of %d", checkpoint_path.name, start, cfg.steps)
-            if start > cfg.steps:
-                raise ValueError(f"the checkpoint {checkpoint_path.name!r} is at step {start}, beyond "
-                                 f"steps={cfg.steps}; raise steps, or turn resume off to start over")
-            frozen = backend.freeze_model(patcher)         # given back as it was in `finally`: the model is shared
-            backend.load_for_training(patcher)
-            if cfg.gradient_checkpointing:
-                checkpointed = backend.enable_gradient_checkpointing(patcher)
-            student = ComfyModelFn(patcher, switch, STUDENT, dtype, device)
-            target = ComfyModelFn(patcher, switch, TARGET, dtype, device)
-            teacher = ComfyModelFn(patcher, switch, TEACHER, dtype, device)
-            scaler = torch.amp.GradScaler(device.type) if dtype == torch.float16 and device.type == "cuda" else None
-            batches = Batches(data, patcher, device)
-            result = TrainResult({}, losses, start, start, checkpoint_path, layers=len(loras),
-                                 validation_losses=validation_losses)
-
-            def state(step: int) -> dict:
-                return {"config": config, "step": step, "losses": list(losses[:step]),
-                        "validation_losses": [v for v in result.validation_losses if v[0] <= step],
-                        "lora": {n: {"up": w.up.detach().cpu().clone(), "down": w.down.detach().cpu().clone()}
-                                 for n, w in loras.items()},
-                        "ema": {n: {"up": w.ema_up.detach().cpu().clone(), "down": w.ema_down.detach().cpu().clone()}
-                                for n, w in loras.items() if w.ema_up is not None},
-                        "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                        "torch_rng": torch.get_rng_state()}
-
-            def save(step: int) -> None:
-                switch.mode = STUDENT
-                save_state(state(step), checkpoint_path)
-                if on_save is not None:
-                    on_save(native_lora_dict(loras, SAVE_DTYPES[cfg.save_dtype]), step, list(losses[:step]),
-                            [v for v in result.validation_losses if v[0] <= step])
-
-            def validate(step: int) -> None:
-                # The objective on fixed draws (its own generator, so the training stream is untouched), with the
-                # online LoRA as student and target: comparable from step to step, unlike the per-step loss whose
-                # scale swings with the drawn t, s and w.
-                # Batches of the training size (no memory beyond training's), enough of them for
-                # VALIDATION_MIN_SAMPLES samples per draw.
-                val_gen = torch.Generator("cpu").manual_seed((int(cfg.seed) + VALIDATION_SEED_OFFSET) % SEED_SPACE)
-                per_draw = -(-VALIDATION_MIN_SAMPLES // cfg.batch_size)
-                with torch.no_grad():
-                    values = []
-                    for _ in range(cfg.validation_draws):
-                        parts = [objective(student, student, teacher, *batches.draw(cfg.batch_size, val_gen)[1:],
-                                           val_gen) for _ in range(per_draw)]
-                        values.append(float(torch.stack(parts).mean()))
-                    result.validation_losses.append([step, sum(values) / len(values)])
-                    if validation is not None:
-                        switch.mode = STUDENT
-                        result.validation_images.append(_validation_image(patcher, validation, data))
-                        result.validation_steps.append(step)
-
-            progress = progress_factory(cfg.steps)
-            if start:
-                progress.update(start)
-            done, in_step, committing, snapshot = start, False, False, None
-            try:
-                # Validation of the starting point (step 0, or a resumed step on the validation grid whose
-                # validation a Cancel cut short), so a resumed run reports the same points as an uninterrupted one.
-                if cfg.validation_every and start % cfg.validation_every == 0 and \
-                        all(step != start for step, _ in result.validation_losses):
-                    validate(start)
-                for step in range(start, cfg.steps):
-                    snapshot, in_step = generator.get_state(), True
-                    # Constant learning rate after a linear warmup (diffusers' constant_with_warmup).
-                    lr = cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps \
-                        else cfg.learning_rate
-                    for group in optimizer.param_groups:
-                        group["lr"] = lr
-                    _, x0, cond, uncond = batches.draw(cfg.batch_size, generator)
-                    loss = objective(student, target, teacher, x0, cond, uncond, generator)
-                    optimizer.zero_grad(set_to_none=True)
-                    switch.mode = STUDENT                  # recomputed (checkpointed) blocks must see the student
-                    if scaler is not None:
-                        scaler.scale(loss).backward()
-                        scaler.unscale_(optimizer)
-                    else:
-                        loss.backward()
-                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0
-                                                          else float("inf"))
-                    # One device sync per step, for the loss curve and to refuse a non-finite step before the
-                    # optimizer applies it (with fp16's GradScaler an inf gradient is the scaler's to skip).
-                    value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
-                    if not math.isfinite(value):
-                        raise NonFiniteLoss(f"the loss became {value} at step {step + 1}")
-                    if scaler is None and not math.isfinite(norm_value):
-                        raise NonFiniteLoss(f"the gradient became {norm_value} at step {step + 1}")
-                    committing = True
-                    if scaler is not None:
-                        scaler.step(optimizer)
-                        scaler.update()
-                    else:
-                        optimizer.step()
-                    for w in loras.values():
-                        w.update_ema(cfg.ema_decay)
-                    losses.append(value)
-                    done, in_step, committing = step + 1, False, False
-                    if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-                        save(done)
-                    if cfg.validation_every and (done % cfg.validation_every == 0 or done == cfg.steps):
-                        validate(done)
-                    progress.update(1)
-                save(done)
-            except BaseException as exc:
-                if in_step and not committing:
-                    generator.set_state(snapshot)       # undo this step's draws: resume replays them
-                if not committing:                      # else the state is half-updated: keep the last save
-                    try:
-                        save_state(state(done), checkpoint_path)
-                    except Exception as save_exc:       # never hide the original error behind a save error
-                        log.error("TCD trainer: could not write the checkpoint: %s", save_exc)
-                if isinstance(exc, NonFiniteLoss):
-                    raise NonFiniteLoss(
-                        f"{exc}; training stopped. The last good state (step {done}) is kept in "
-                        f"{str(checkpoint_path)!r}. Lower the learning rate (now {cfg.learning_rate}), raise "
-                        f"warmup_steps or use loss 'huber'; resuming with the same settings would repeat this"
-                    ) from None
-                if backend.is_interrupt(exc):
-                    log.info("TCD trainer: cancelled after step %d; state kept in %s (turn resume on to continue)",
-                             done, checkpoint_path)
-                raise
+            run.start(resume)
+            run.train(progress_factory(cfg.steps))
         finally:
-            switch.mode = STUDENT
-            backend.disable_gradient_checkpointing(checkpointed)
-            for p in params:
-                p.requires_grad_(False)
-            backend.thaw_model(frozen)
-            backend.detach_weight_wrappers(patcher, list(loras.values()) + [
-                f for f in backend.weight_wrappers(patcher) if isinstance(f, PassThrough)])
-        result.native_lora = native_lora_dict(loras, SAVE_DTYPES[cfg.save_dtype])
-        result.steps_done = done
+            run.close()
+        result = run.result
+        result.native_lora = native_lora_dict(run.loras, SAVE_DTYPES[cfg.save_dtype])
+        result.steps_done = run.done
         result.seconds = time.perf_counter() - t_start
         return result
+
+
+# Where a run is inside a step, which decides what a Cancel or an error keeps (DistillRun.keep_state).
+BETWEEN_STEPS, COMPUTING, APPLYING = "between steps", "computing", "applying"
+
+
+class DistillRun:
+    """One distillation run on a clone of the graph's model: set up, start (fresh or resumed), step, save,
+    validate, keep a resumable state on failure, close (give the shared model back as it was)."""
+
+    def __init__(self, model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint_path: Path,
+                 device: torch.device, validation: Optional[Validation], on_save: Optional[Callable]):
+        self.cfg, self.data, self.checkpoint_path = cfg, data, checkpoint_path
+        self.device, self.validation, self.on_save = device, validation, on_save
+        self.dtype = backend.training_dtype(cfg.dtype, device)
+        self.loras, self.params, self.checkpointed, self.frozen = {}, [], [], {}
+        self.patcher = backend.training_clone(model_patcher)
+        if self.dtype != torch.float32:
+            backend.set_compute_dtype(self.patcher, self.dtype)
+        self.objective = make_objective(cfg, alphas_cumprod_of(self.patcher))   # also refuses LCM / flow sampling
+        self.config = numeric_config(cfg, data.fingerprint(), model_fingerprint(self.patcher))
+        self.switch = LoRASwitch()
+        self.loras = attach_lora(self.patcher, cfg.rank, cfg.alpha, cfg.seed, cfg.ema_decay > 0, self.switch)
+        self.params = [p for w in self.loras.values() for p in w.trainable()]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                           weight_decay=cfg.weight_decay)
+        self.generator = torch.Generator("cpu").manual_seed(int(cfg.seed) % SEED_SPACE)
+        self.losses: list[float] = []
+        self.done, self.phase, self.snapshot = 0, BETWEEN_STEPS, None
+        self.result = TrainResult({}, self.losses, 0, 0, checkpoint_path, layers=len(self.loras))
+
+    # ------------------------------------------------------------------------------------------- set up
+    def start(self, resume: bool) -> None:
+        """Restore a checkpoint when asked and present, then put the model on the device for training."""
+        cfg, path = self.cfg, self.checkpoint_path
+        if resume and path.is_file():
+            self.done, losses, validation_losses = _restore(load_state(path), self.config, self.loras,
+                                                            self.optimizer, self.generator, path)
+            self.losses[:] = losses
+            self.result.validation_losses = validation_losses
+            self.result.resumed_from = self.result.steps_done = self.done
+            log.info("TCD trainer: resuming %s at step %d of %d", path.name, self.done, cfg.steps)
+        if self.done > cfg.steps:
+            raise ValueError(f"the checkpoint {path.name!r} is at step {self.done}, beyond steps={cfg.steps}; "
+                             f"raise steps, or turn resume off to start over")
+        self.frozen = backend.freeze_model(self.patcher)      # given back in close(): the model is shared
+        backend.load_for_training(self.patcher)
+        if cfg.gradient_checkpointing:
+            self.checkpointed = backend.enable_gradient_checkpointing(self.patcher)
+        self.student, self.target, self.teacher = (ComfyModelFn(self.patcher, self.switch, mode, self.dtype,
+                                                                self.device) for mode in (STUDENT, TARGET, TEACHER))
+        self.scaler = torch.amp.GradScaler(self.device.type) \
+            if self.dtype == torch.float16 and self.device.type == "cuda" else None
+        self.batches = Batches(self.data, self.patcher, self.device)
+
+    # ------------------------------------------------------------------------------------------- the loop
+    def train(self, progress) -> None:
+        cfg = self.cfg
+        if self.done:
+            progress.update(self.done)
+        try:
+            # Validation of the starting point (step 0, or a resumed step on the validation grid whose validation
+            # a Cancel cut short), so a resumed run reports the same points as an uninterrupted one.
+            if cfg.validation_every and self.done % cfg.validation_every == 0 and \
+                    all(step != self.done for step, _ in self.result.validation_losses):
+                self.validate(self.done)
+            while self.done < cfg.steps:
+                self.step()
+                if cfg.save_every and self.done % cfg.save_every == 0 and self.done < cfg.steps:
+                    self.save(self.done)
+                if cfg.validation_every and (self.done % cfg.validation_every == 0 or self.done == cfg.steps):
+                    self.validate(self.done)
+                progress.update(1)
+            self.save(self.done)
+        except BaseException as exc:
+            self.keep_state()
+            if isinstance(exc, NonFiniteLoss):
+                raise NonFiniteLoss(
+                    f"{exc}; training stopped. The last good state (step {self.done}) is kept in "
+                    f"{str(self.checkpoint_path)!r}. Lower the learning rate (now {cfg.learning_rate}), raise "
+                    f"warmup_steps or use loss 'huber'; resuming with the same settings would repeat this") from None
+            if backend.is_interrupt(exc):
+                log.info("TCD trainer: cancelled after step %d; state kept in %s (turn resume on to continue)",
+                         self.done, self.checkpoint_path)
+            raise
+
+    def learning_rate(self, step: int) -> float:
+        """Constant learning rate after a linear warmup (diffusers' constant_with_warmup)."""
+        cfg = self.cfg
+        return cfg.learning_rate * min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.learning_rate
+
+    def step(self) -> None:
+        """One optimizer step. Until the optimizer applies it (phase COMPUTING) a failure undoes its draws; while it
+        is applied (APPLYING) the state is half-updated and only the last save is valid."""
+        cfg, step = self.cfg, self.done
+        self.snapshot, self.phase = self.generator.get_state(), COMPUTING
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate(step)
+        _, x0, cond, uncond = self.batches.draw(cfg.batch_size, self.generator)
+        loss = self.objective(self.student, self.target, self.teacher, x0, cond, uncond, self.generator)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.switch.mode = STUDENT                     # recomputed (checkpointed) blocks must see the student
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm if cfg.max_grad_norm > 0
+                                              else float("inf"))
+        # One device sync per step, for the loss curve and to refuse a non-finite step before the optimizer
+        # applies it (with fp16's GradScaler an inf gradient is the scaler's to skip).
+        value, norm_value = torch.stack([loss.detach().float(), norm.detach().float()]).tolist()
+        if not math.isfinite(value):
+            raise NonFiniteLoss(f"the loss became {value} at step {step + 1}")
+        if self.scaler is None and not math.isfinite(norm_value):
+            raise NonFiniteLoss(f"the gradient became {norm_value} at step {step + 1}")
+        self.phase = APPLYING
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        for w in self.loras.values():
+            w.update_ema(cfg.ema_decay)
+        self.losses.append(value)
+        self.done, self.phase = step + 1, BETWEEN_STEPS
+
+    # ------------------------------------------------------------------------------------------- state
+    def state(self, step: int) -> dict:
+        loras = self.loras
+        return {"config": self.config, "step": step, "losses": list(self.losses[:step]),
+                "validation_losses": [v for v in self.result.validation_losses if v[0] <= step],
+                "lora": {n: {"up": w.up.detach().cpu().clone(), "down": w.down.detach().cpu().clone()}
+                         for n, w in loras.items()},
+                "ema": {n: {"up": w.ema_up.detach().cpu().clone(), "down": w.ema_down.detach().cpu().clone()}
+                        for n, w in loras.items() if w.ema_up is not None},
+                "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                "torch_rng": torch.get_rng_state()}
+
+    def save(self, step: int) -> None:
+        self.switch.mode = STUDENT
+        save_state(self.state(step), self.checkpoint_path)
+        if self.on_save is not None:
+            self.on_save(native_lora_dict(self.loras, SAVE_DTYPES[self.cfg.save_dtype]), step,
+                         list(self.losses[:step]), [v for v in self.result.validation_losses if v[0] <= step])
+
+    def keep_state(self) -> None:
+        """After a Cancel or an error: the state of the last completed step, for an exact resume."""
+        if self.phase == APPLYING:
+            return                                     # half-updated: the last regular save stays the valid one
+        if self.phase == COMPUTING:
+            self.generator.set_state(self.snapshot)    # undo this step's draws: resume replays them
+        try:
+            save_state(self.state(self.done), self.checkpoint_path)
+        except Exception as save_exc:                  # never hide the original error behind a save error
+            log.error("TCD trainer: could not write the checkpoint: %s", save_exc)
+
+    # ------------------------------------------------------------------------------------------- validation
+    def validate(self, step: int) -> None:
+        """The objective on fixed draws (its own generator, so the training stream is untouched), with the online
+        LoRA as student and target: comparable from step to step, unlike the per-step loss whose scale swings with
+        the drawn t, s and w. Batches of the training size (no memory beyond training's), enough of them for
+        VALIDATION_MIN_SAMPLES samples per draw."""
+        cfg = self.cfg
+        val_gen = torch.Generator("cpu").manual_seed((int(cfg.seed) + VALIDATION_SEED_OFFSET) % SEED_SPACE)
+        per_draw = -(-VALIDATION_MIN_SAMPLES // cfg.batch_size)
+        with torch.no_grad():
+            values = []
+            for _ in range(cfg.validation_draws):
+                parts = [self.objective(self.student, self.student, self.teacher,
+                                        *self.batches.draw(cfg.batch_size, val_gen)[1:], val_gen)
+                         for _ in range(per_draw)]
+                values.append(float(torch.stack(parts).mean()))
+            self.result.validation_losses.append([step, sum(values) / len(values)])
+            if self.validation is not None:
+                self.switch.mode = STUDENT
+                self.result.validation_images.append(_validation_image(self.patcher, self.validation, self.data))
+                self.result.validation_steps.append(step)
+
+    # ------------------------------------------------------------------------------------------- close
+    def close(self) -> None:
+        """Give the shared model back as it was: no wrappers, no checkpointing, the same requires_grad flags."""
+        self.switch.mode = STUDENT
+        backend.disable_gradient_checkpointing(self.checkpointed)
+        for p in self.params:
+            p.requires_grad_(False)
+        backend.thaw_model(self.frozen)
+        backend.detach_weight_wrappers(self.patcher, list(self.loras.values()) + [
+            f for f in backend.weight_wrappers(self.patcher) if isinstance(f, PassThrough)])
 
 
 def _restore(saved: dict, config: dict, loras: dict, optimizer, generator, path: Path):
