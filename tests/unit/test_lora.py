@@ -77,10 +77,12 @@ def test_peft_alpha_from_diffusers_adapter_metadata():
     parsed = tl.parse_lora(sd15_like("peft"))
     meta = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 8, "unet.r": R,
                                                  "unet.alpha_pattern": {"attn2.to_k": 1}})}
-    tl.apply_peft_metadata_alphas(parsed, meta)
+    assert tl.apply_peft_metadata_alphas(parsed, meta).filled == 4
     conv = tl.to_canonical(parsed, tl.ARCH_SD1)
     alpha = {k.rsplit("_", 2)[-1].split(".")[0]: float(v) for k, v in conv.state_dict.items() if k.endswith("alpha")}
-    assert alpha["q"] == 8 and alpha["k"] == 1 and parsed.alpha_source.startswith("lora_adapter_metadata")
+    assert alpha["q"] == 8 and alpha["k"] == 1
+    plan = tl.plan_lora(sd15_like("peft"), meta, "x.safetensors", tl.ARCH_SD1, {}, _targets(), False)
+    assert plan.alpha_source == tl.ALPHA_FROM_ADAPTER_METADATA and not plan.warnings
 
 
 def test_text_encoder_keys_in_every_spelling_map_to_lora_te():
