@@ -29,8 +29,8 @@ FILE_SIGNATURES = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"
 GET_AGAIN = "The download or copy did not finish: get the file again"
 
 
-def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a .safetensors LoRA.
+def read_lora_file(path, keys=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a .safetensors LoRA; with `keys`, only those tensors.
 
     A ValueError for every kind of bad file; a MemoryError naming the file's size when memory runs out; an
     OSError naming the path and the system's reason when the file cannot be opened or read. Only safetensors is
@@ -42,7 +42,7 @@ def read_lora_file(path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
         size = _regular_file_size(path)
         _check_layout(path, size)
-        return _read_tensors(path)
+        return _read_tensors(path, keys)
     except MemoryError as e:
         raise MemoryError(_out_of_memory_message(path, e)) from e
     except OSError as e:
@@ -137,13 +137,13 @@ def _declared_data_end(header: dict) -> int | None:
     return max(ends, default=0)
 
 
-def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def _read_tensors(path: Path, keys=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     from safetensors import SafetensorError, safe_open
     try:
         tensors = {}
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = dict(f.metadata() or {})
-            for key in f.keys():
+            for key in f.keys() if keys is None else keys:
                 tensors[key] = f.get_tensor(key)
     except SafetensorError as e:   # what safetensors raises for a header or offsets it cannot use
         raise fail(f"{path.name!r} is corrupt: safetensors could not read it ({e})",
@@ -190,12 +190,11 @@ class RecentFile:
     """The last LoRA file read, holding its weights by weak reference only.
 
     A loader that runs again on the same unchanged file (a new strength, another model) gets the same tensors
-    without reading the file again, for as long as something else keeps its weights: the patched model that
-    ComfyUI's execution cache holds as the node's output does. Once that output is dropped the weights are freed,
-    and the next run reads the file again (so does a run after one that left layers out: nothing kept those). A
-    strong cache would keep the last file's weights (up to a GB for a Flux LoRA) for the life of the server,
-    whatever ComfyUI's own caching decided. Scalars (the alphas, which the canonical form copies) are kept as they
-    are: a few bytes each.
+    without reading them again, for as long as something else keeps them: the patched model that ComfyUI's
+    execution cache holds as the node's output does. Weights nothing holds any more (all of them once that output
+    is dropped, or the layers the last run left out) are read from the file again. A strong cache would keep the
+    last file's weights (up to a GB for a Flux LoRA) for the life of the server, whatever ComfyUI's own caching
+    decided. Scalars (the alphas, which the canonical form copies) are kept as they are: a few bytes each.
     """
 
     def __init__(self):
@@ -207,12 +206,15 @@ class RecentFile:
 
     def read(self, path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         identity = _identity(path)
-        if identity is not None and identity == self._identity:
-            tensors = {key: self._scalars[key] if key in self._scalars else self._weights[key]()
-                       for key in self._order}
-            if all(t is not None for t in tensors.values()):
-                return tensors, dict(self._metadata)
-        tensors, metadata = read_lora_file(path)
+        if identity is None or identity != self._identity:
+            tensors, metadata = read_lora_file(path)
+        else:   # the same file: read only the weights nothing holds any more (layers the last run left out)
+            alive = {key: ref() for key, ref in self._weights.items()}
+            gone = [key for key, t in alive.items() if t is None]
+            fresh = read_lora_file(path, gone)[0] if gone else {}
+            tensors = {key: self._scalars.get(key, alive.get(key)) for key in self._order}
+            tensors.update(fresh)
+            metadata = dict(self._metadata)
         self._identity, self._order = identity, list(tensors)
         self._weights = {key: weakref.ref(t) for key, t in tensors.items() if t.numel() > 1}
         self._scalars = {key: t for key, t in tensors.items() if t.numel() <= 1}

@@ -154,3 +154,18 @@ def test_recent_file_lets_the_previous_file_go_and_notices_a_changed_file(tmp_pa
     changed, _ = recent.read(path)
     assert changed["lora_unet_a.lora_up.weight"] is not b["lora_unet_a.lora_up.weight"]
     assert float(changed["lora_unet_a.lora_up.weight"][0, 0]) == 3.0
+
+
+def test_recent_file_reads_again_only_the_weights_nothing_holds(tmp_path):
+    recent = tl.RecentFile()
+    path = _lora(tmp_path / "a.safetensors")
+    first, _ = recent.read(path)
+    kept = first["lora_unet_a.lora_up.weight"]          # what a patched model would hold: the applied layers
+    down = weakref.ref(first["lora_unet_a.lora_down.weight"])
+    del first
+    gc.collect()
+    assert down() is None
+    again, _ = recent.read(path)
+    assert again["lora_unet_a.lora_up.weight"] is kept
+    assert torch.equal(again["lora_unet_a.lora_down.weight"], torch.ones(4, 4))
+    assert list(again) == ["lora_unet_a.alpha", "lora_unet_a.lora_down.weight", "lora_unet_a.lora_up.weight"]
