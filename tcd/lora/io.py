@@ -48,7 +48,9 @@ def read_lora_file(path, keys=None) -> tuple[dict[str, torch.Tensor], dict[str, 
     except OSError as e:
         if e.errno == errno.ENOMEM:
             raise MemoryError(_out_of_memory_message(path, e)) from e
-        raise OSError(_os_error_message(path, e)) from e
+        error = OSError(_os_error_message(path, e))
+        error.errno = e.errno       # for callers that test it; the message already names it
+        raise error from e
 
 
 def _refuse_by_name(path: Path) -> None:
