@@ -18,10 +18,12 @@ log = logging.getLogger(__name__)
 class TCDLoraLoader:
     """MODEL (+ optional CLIP) with a LoRA applied; info STRING with format, architecture, coverage, presets."""
 
-    # The last file read, its tensors held by weak reference only (tcd.lora.RecentFile): a rerun with a new
-    # strength reuses them while the previous output (the patched model in ComfyUI's execution cache) keeps them
-    # alive, and the memory goes back once ComfyUI drops that output; this class never holds a file's tensors.
-    _recent = tl.RecentFile()
+    def __init__(self):
+        # This node's last file, its weights held by weak reference only (tcd.lora.RecentFile): a rerun with a
+        # new strength reuses them while the previous output (the patched model in ComfyUI's execution cache)
+        # keeps them alive, and the memory goes back once ComfyUI drops that output. ComfyUI keeps one instance
+        # per node of the graph, so two loaders do not take turns evicting each other's file.
+        self._recent = tl.RecentFile()
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -64,7 +66,7 @@ class TCDLoraLoader:
 
     def load_lora(self, model, lora_name, strength_model, clip=None, strength_clip=1.0, on_unmatched="error"):
         path = backend.lora_path(lora_name)
-        tensors, metadata = TCDLoraLoader._recent.read(path)
+        tensors, metadata = self._recent.read(path)
         plan = tl.plan_lora(tensors, metadata, lora_name, backend.model_architecture(model),
                             backend.unet_ldm_to_diffusers(model), backend.lora_target_shapes(model, clip),
                             has_clip=clip is not None, on_unmatched=on_unmatched)

@@ -7,6 +7,8 @@ PEFT (`to_q.lora_A`) LoRAs lose every attention layer without a word, and `base_
 lose everything. TCD LoRAs are exported by diffusers. Here every known spelling is rewritten to one form that
 ComfyUI maps completely, and every layer is either matched to a model weight (name and shape) or reported.
 
+    names         architectures, key formats, layer components, alpha sources, the family metadata key
+    messages      how a refusal is worded: what was given, what is allowed, what to do
     io            read_lora_file: safetensors only, a clear error for each kind of bad file; RecentFile
     keys          parse_lora: every key spelling -> layers (component, naming, module) -> up / down / alpha
     metadata      alphas from diffusers' lora_adapter_metadata
