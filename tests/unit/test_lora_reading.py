@@ -39,7 +39,7 @@ elif scenario == "open-files":    # the lowest free descriptor is the limit: the
     os.close(free)
     resource.setrlimit(resource.RLIMIT_NOFILE, (free, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 elif scenario == "permission":
-    if os.getuid() == 0:          # root reads anything: become 'nobody', who cannot enter pytest's 0700 folders
+    if os.getuid() == 0:          # root reads anything: become 'nobody', who cannot enter the 0700 folder
         os.setgid(65534)
         os.setuid(65534)
     else:
@@ -87,6 +87,7 @@ def test_an_os_error_names_the_path_and_the_systems_reason(tmp_path):
 
 def test_permission_denied_names_the_path(tmp_path):
     path = _lora(tmp_path / "locked.safetensors")
+    tmp_path.chmod(0o700)            # whoever runs the tests, 'nobody' may not enter the file's folder
     kind, message = _read_in_child("permission", path)
     assert kind == "OSError", message
     assert f"cannot read the LoRA file {str(path)!r}: Permission denied (EACCES)" in message
