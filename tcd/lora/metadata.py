@@ -62,6 +62,8 @@ def _number(value, where: str) -> float:
 
 def read_adapter_alphas(raw: str) -> AdapterAlphas:
     """The alphas in a `lora_adapter_metadata` string; BadAdapterMetadata naming the first thing that is wrong."""
+    if not isinstance(raw, str):     # safetensors metadata is text; a caller may hand over a parsed object
+        raise BadAdapterMetadata(f"it is a {type(raw).__name__}, not JSON text")
     try:
         config = json.loads(raw)
     except json.JSONDecodeError as e:

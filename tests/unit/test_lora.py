@@ -89,6 +89,7 @@ def test_peft_alpha_from_diffusers_adapter_metadata():
     ("{unet.lora_alpha: 8", "it is not valid JSON"),
     ("[8, 4]", "it is a JSON list"),
     ('"alpha 8"', "it is a JSON str"),
+    ({"unet.lora_alpha": 8}, "it is a dict, not JSON text"),
     (json.dumps({"unet.lora_alpha": "8"}), "'unet.lora_alpha' is \"8\", not a finite number"),
     (json.dumps({"unet.lora_alpha": True}), "'unet.lora_alpha' is true, not a finite number"),
     (json.dumps({"unet.lora_alpha": float("nan")}), "'unet.lora_alpha' is NaN, not a finite number"),
