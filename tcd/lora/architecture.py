@@ -70,9 +70,9 @@ def _dit_vote(naming: str, module: str):
     return _SHARED_DIT if flat.startswith(DIT_LDM_ROOTS) else None
 
 
-def detect_architecture(parsed: ParsedLora) -> Architecture:
-    """SD1.x / SD2.x / SDXL from shapes (cross-attention context width, text-encoder width) and SDXL-only names;
-    SD3 / Flux from transformer layer names."""
+def _layer_evidence(parsed: ParsedLora):
+    """(votes: architecture -> reasons, cross-attention context widths, text-encoder widths, whether a flow
+    transformer layer both SD3 and Flux have was seen) from the file's layer names and shapes."""
     votes: dict[str, list[str]] = {}
     contexts, widths = set(), set()
     shared_dit = False
@@ -97,24 +97,36 @@ def detect_architecture(parsed: ParsedLora) -> Architecture:
                 dual_clip.append("a second text encoder (lora_te2 / text_encoder_2)")
             if flat.endswith(("q_proj", "k_proj", "v_proj", "fc1")):
                 widths.add(in_features(down))
-    flow = bool(set(votes) & set(FLOW_ARCHITECTURES))
-    if dual_clip and not flow:      # SD3 has two CLIPs too
+    if dual_clip and not set(votes) & set(FLOW_ARCHITECTURES):     # SD3 has two CLIPs too
         votes.setdefault(ARCH_SDXL, []).extend(dual_clip)
+    return votes, contexts, widths, shared_dit
+
+
+def _foreign_width(contexts: set, widths: set) -> str | None:
+    """Why the file is for none of the supported models, when a width says so."""
     for c in sorted(contexts):
-        arch = CONTEXT_DIM.get(c)
-        if arch is None:
-            return Architecture(ARCH_UNKNOWN, f"cross-attention context width {c} is not SD1.x (768), SD2.x (1024) "
-                                              f"or SDXL (2048)", Verdict.FOREIGN)
-        votes.setdefault(arch, []).append(f"cross-attention context {c}")
+        if c not in CONTEXT_DIM:
+            return f"cross-attention context width {c} is not SD1.x (768), SD2.x (1024) or SDXL (2048)"
     for w in sorted(widths):
-        if w == 1024:
-            votes.setdefault(ARCH_SD2, []).append("text encoder width 1024 (OpenCLIP-H)")
-        elif w == 1280:
-            if not flow:            # SD3's CLIP-G is bigG too
-                votes.setdefault(ARCH_SDXL, []).append("text encoder width 1280 (CLIP-bigG)")
-        elif w not in TEXT_WIDTH:
-            return Architecture(ARCH_UNKNOWN, f"text encoder width {w} is not CLIP-L/OpenCLIP-H/bigG",
-                                Verdict.FOREIGN)
+        if w not in TEXT_WIDTH:
+            return f"text encoder width {w} is not CLIP-L/OpenCLIP-H/bigG"
+    return None
+
+
+def detect_architecture(parsed: ParsedLora) -> Architecture:
+    """SD1.x / SD2.x / SDXL from shapes (cross-attention context width, text-encoder width) and SDXL-only names;
+    SD3 / Flux from transformer layer names."""
+    votes, contexts, widths, shared_dit = _layer_evidence(parsed)
+    foreign = _foreign_width(contexts, widths)
+    if foreign:
+        return Architecture(ARCH_UNKNOWN, foreign, Verdict.FOREIGN)
+    flow = bool(set(votes) & set(FLOW_ARCHITECTURES))
+    for c in sorted(contexts):
+        votes.setdefault(CONTEXT_DIM[c], []).append(f"cross-attention context {c}")
+    if 1024 in widths:
+        votes.setdefault(ARCH_SD2, []).append("text encoder width 1024 (OpenCLIP-H)")
+    if 1280 in widths and not flow:     # SD3's CLIP-G is bigG too
+        votes.setdefault(ARCH_SDXL, []).append("text encoder width 1280 (CLIP-bigG)")
     if shared_dit and (set(votes) & set(UNET_ARCHITECTURES)):
         votes.setdefault("SD3 or Flux", []).append("flow transformer layers (transformer_blocks)")
     if not votes:

@@ -84,9 +84,14 @@ def _regular_file_size(path: Path) -> int:
 
 def _check_layout(path: Path, size: int) -> None:
     """ValueError when the bytes are not a complete safetensors file, naming what they are where that is known."""
-    name = path.name
     with open(path, "rb") as f:
         head = f.read(32)
+    header_len = _header_length(path.name, head, size)
+    _check_header(path, header_len, size)
+
+
+def _header_length(name: str, head: bytes, size: int) -> int:
+    """The header length of a file that starts like safetensors; a ValueError naming what else it is."""
     header_len = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else None
     looks_safetensors = header_len is not None and header_len <= size - 8 and head[8:9] == b"{"
     # Zip (torch.save since 1.6) starts with PK\x03\x04, a raw pickle with \x80 and the protocol (2..5). Checked
@@ -110,6 +115,12 @@ def _check_layout(path: Path, size: int) -> None:
     if header_len > size - 8:
         raise fail(f"{name!r} is truncated or not safetensors: its header claims {header_len} bytes but the file "
                    f"has {size}", "A complete safetensors file is needed", GET_AGAIN)
+    return header_len
+
+
+def _check_header(path: Path, header_len: int, size: int) -> None:
+    """A ValueError when the JSON header is unreadable or points past the end of the file."""
+    name = path.name
     try:
         with open(path, "rb") as f:
             f.seek(8)
