@@ -18,7 +18,12 @@ log = logging.getLogger(__name__)
 class TCDLoraLoader:
     """MODEL (+ optional CLIP) with a LoRA applied; info STRING with format, architecture, coverage, presets."""
 
-    _cache: tuple | None = None     # (path, mtime_ns, size) -> (tensors, metadata): the last file read
+    def __init__(self):
+        # This node's last file, its weights held by weak reference only (tcd.lora.RecentFile): a rerun with a
+        # new strength reuses them while the previous output (the patched model in ComfyUI's execution cache)
+        # keeps them alive, and the memory goes back once ComfyUI drops that output. ComfyUI keeps one instance
+        # per node of the graph, so two loaders do not take turns evicting each other's file.
+        self._recent = tl.RecentFile()
 
     @classmethod
     def INPUT_TYPES(cls):
@@ -59,23 +64,14 @@ class TCDLoraLoader:
                    "silently drops the attention layers of diffusers/PEFT-format SD LoRAs and every layer of "
                    "unprefixed PEFT flow LoRAs; this node converts them first. Names the few-step family it finds.")
 
-    def _read(self, path: str):
-        import os
-        st = os.stat(path)
-        key = (path, st.st_mtime_ns, st.st_size)
-        cache = TCDLoraLoader._cache
-        if cache is not None and cache[0] == key:
-            return cache[1]
-        data = tl.read_lora_file(path)
-        TCDLoraLoader._cache = (key, data)
-        return data
-
     def load_lora(self, model, lora_name, strength_model, clip=None, strength_clip=1.0, on_unmatched="error"):
         path = backend.lora_path(lora_name)
-        tensors, metadata = self._read(path)
+        tensors, metadata = self._recent.read(path)
         plan = tl.plan_lora(tensors, metadata, lora_name, backend.model_architecture(model),
                             backend.unet_ldm_to_diffusers(model), backend.lora_target_shapes(model, clip),
                             has_clip=clip is not None, on_unmatched=on_unmatched)
+        for warning in plan.warnings:
+            log.warning("TCD LoRA Loader: %s: %s", lora_name, warning)
         if plan.validation.unmatched:
             log.warning("TCD LoRA Loader: %d layers of %s not applied: %s", len(plan.validation.unmatched),
                         lora_name, ", ".join(plan.validation.unmatched))
@@ -92,6 +88,11 @@ class TCDLoraLoader:
         return (new_model, new_clip, info, family_output(plan, strength_model))
 
 
+ALPHA_SOURCE_TEXT = {tl.ALPHA_FROM_KEYS: "alpha keys",
+                     tl.ALPHA_FROM_ADAPTER_METADATA: "lora_adapter_metadata (peft config)",
+                     tl.ALPHA_NONE: "none (scale 1.0)"}
+
+
 def info_text(plan: tl.LoraPlan, patched_unet: int, patched_te: int, strength_model: float,
               strength_clip: float) -> str:
     """The loader's info output: what was found, what was applied, and the family's preset."""
@@ -99,7 +100,7 @@ def info_text(plan: tl.LoraPlan, patched_unet: int, patched_te: int, strength_mo
     part = "transformer" if plan.model_arch in tl.FLOW_ARCHITECTURES else "UNet"
     lines = [
         f"LoRA: {plan.name}",
-        f"format: {plan.format}; alpha: {plan.alpha_source}",
+        f"format: {plan.format}; alpha: {ALPHA_SOURCE_TEXT[plan.alpha_source]}",
         f"architecture: {plan.lora_arch.name} ({plan.lora_arch.evidence}); model: {plan.model_arch}",
         f"{part} layers patched: {patched_unet}/{plan.unet_layers}" + (
             " (strength_model 0: model unchanged)" if strength_model == 0 else f" at strength {strength_model:g}"),
@@ -114,5 +115,6 @@ def info_text(plan: tl.LoraPlan, patched_unet: int, patched_te: int, strength_mo
         shown = [f"{k} ({why})" for k, why in list(v.unmatched.items())[:12]]
         more = f", ... ({len(v.unmatched) - 12} more)" if len(v.unmatched) > 12 else ""
         lines.append(f"NOT applied ({len(v.unmatched)}): " + ", ".join(shown) + more)
+    lines += [f"warning: {w}" for w in plan.warnings]
     lines += info_lines(plan.family, strength_model)
     return "\n".join(lines)

@@ -234,3 +234,49 @@ def test_canonical_form_from_comfy_native_loads_in_core_with_every_layer(sd15):
     assert core_counts(model, None, canonical) == (54, 0)
     out = lf.sample(backend.apply_lora(model, None, canonical, 1.0, 0.0)[0], sd15["cond"])
     assert float((out - reference(sd15, "comfyui-native", with_clip=False)[0]).abs().max()) <= 1e-5
+
+
+# ------------------------------------------------------------------------------------------------ memory, metadata
+def _patch_tensors(model_patcher):
+    """The tensors ComfyUI keeps for a patched model (each LoRAAdapter's weights)."""
+    return [t for patches in model_patcher.patches.values() for patch in patches
+            for t in getattr(patch[1], "weights", ()) if isinstance(t, torch.Tensor)]
+
+
+def test_the_loader_keeps_no_file_alive_once_comfyui_drops_its_output(node, sd15, loras_dir):
+    """The loader's memo holds weights by weak reference: while ComfyUI's cache holds the patched model a rerun
+    reuses its tensors (no new read); once the output is gone, so is the file's memory."""
+    import gc
+    import weakref
+    a = write(loras_dir, "memo_a.safetensors", lf.write_format("kohya", sd15["layers"]))
+    b = write(loras_dir, "memo_b.safetensors", lf.write_format("peft unet.", sd15["layers"]))
+    first = node.load_lora(sd15["model"], a, 1.0)
+    tensors = _patch_tensors(first[0])
+    assert len(tensors) >= 2 * 54
+    rerun = node.load_lora(sd15["model"], a, 0.5)                             # a new strength, the same file
+    assert {id(t) for t in _patch_tensors(rerun[0])} == {id(t) for t in tensors}
+    refs = [weakref.ref(t) for t in tensors]
+    del first, rerun, tensors
+    gc.collect()
+    assert all(r() is None for r in refs)                  # output dropped: nothing of memo_a.safetensors is left
+    again = node.load_lora(sd15["model"], a, 1.0)           # read again, and applied as before
+    assert info_count(again[2], "UNet layers patched") == (54, 54)
+    refs = [weakref.ref(t) for t in _patch_tensors(again[0])]
+    del again
+    other = node.load_lora(sd15["model"], b, 1.0)
+    gc.collect()
+    assert all(r() is None for r in refs) and info_count(other[2], "UNet layers patched") == (54, 54)
+
+
+def test_unusable_adapter_metadata_is_an_error_or_a_warning_in_the_info(node, sd15, loras_dir, caplog):
+    bad = {"lora_adapter_metadata": '{"unet.lora_alpha": "eight"}'}
+    needs = write(loras_dir, "meta_needed.safetensors", lf.write_format("peft unet.", sd15["layers"]), bad)
+    with pytest.raises(ValueError, match=r"lora_adapter_metadata of 'meta_needed.safetensors' cannot be used: "
+                                         r"'unet.lora_alpha' is \"eight\", not a finite number\. Allowed: .*"
+                                         r"66 layers have no alpha of their own"):
+        node.load_lora(sd15["model"], needs, 1.0)
+    ignored = write(loras_dir, "meta_ignored.safetensors", lf.write_format("kohya", sd15["layers"]), bad)
+    with caplog.at_level(logging.WARNING):
+        info = node.load_lora(sd15["model"], ignored, 1.0)[2]
+    assert "warning: lora_adapter_metadata ignored ('unet.lora_alpha' is \"eight\", not a finite number)" in info
+    assert "format: kohya; alpha: alpha keys" in info and "lora_adapter_metadata ignored" in caplog.text

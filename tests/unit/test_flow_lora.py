@@ -1,5 +1,7 @@
 """tcd.lora on SD3 / Flux LoRA key formats without ComfyUI: parsing every spelling to one canonical name per
 layer, architecture from layer names, and validation against weight slices."""
+import json
+
 import pytest
 import torch
 
@@ -61,6 +63,16 @@ def test_every_flux_spelling_gets_one_canonical_name_per_layer(fmt, canonical, l
     assert alpha == (2.0 if fmt in ("onetrainer", "kohya", "native") else R)   # no alpha: scale 1 (alpha = rank)
 
 
+def test_a_flow_loras_alphas_come_from_the_transformer_entries_of_its_adapter_metadata():
+    """diffusers packs a Flux / SD3 LoraConfig under 'transformer.' (lora_base._pack_dict_with_prefix)."""
+    meta = {"lora_adapter_metadata": json.dumps({"transformer.lora_alpha": 2, "transformer.r": R,
+                                                 "transformer.alpha_pattern": {"proj_mlp": 1}})}
+    plan = tl.plan_lora(flux_lora("peft"), meta, "x.safetensors", tl.ARCH_FLUX, {}, TARGETS, False)
+    assert float(plan.state_dict[f"transformer.{FLUX_Q}.alpha"]) == 2.0
+    assert float(plan.state_dict[f"transformer.{FLUX_SINGLE}.alpha"]) == 1.0
+    assert plan.alpha_source == tl.ALPHA_FROM_ADAPTER_METADATA
+
+
 @pytest.mark.parametrize("fmt", ["peft", "onetrainer", "kohya", "native"])
 def test_flux_names_are_read_as_flux(fmt):
     found = tl.detect_architecture(tl.parse_lora(flux_lora(fmt)))
@@ -75,7 +87,8 @@ def test_sd3_names_are_read_as_sd3_and_shared_names_stay_open():
     # SD3's cross-attention-free attn2 (dual attention) is not a UNet cross-attention context
     attn2 = _pair({}, "transformer.transformer_blocks.0.attn2.to_k", ".lora_B.weight", ".lora_A.weight", 128, 128)
     shared = tl.detect_architecture(tl.parse_lora(attn2))
-    assert shared.name == tl.ARCH_UNKNOWN and "SD3 and Flux share" in shared.evidence
+    assert shared.name == tl.ARCH_UNKNOWN and shared.verdict is tl.Verdict.UNDECIDED
+    assert "SD3 and Flux share" in shared.evidence
     tl.check_architecture(shared, tl.ARCH_SD3)   # names and shapes decide later
     tl.check_architecture(shared, tl.ARCH_FLUX)
 
@@ -91,7 +104,9 @@ def test_flow_and_unet_loras_are_refused_on_each_others_models():
     with pytest.raises(ValueError, match="is for SDXL .* but the model is Flux"):
         tl.check_architecture(tl.detect_architecture(tl.parse_lora(unet)), tl.ARCH_FLUX)
     mixed = {**flux_lora("kohya"), **unet}
-    assert tl.detect_architecture(tl.parse_lora(mixed)).evidence.startswith("conflicting")
+    assert tl.detect_architecture(tl.parse_lora(mixed)).verdict is tl.Verdict.CONFLICTING
+    with pytest.raises(ValueError, match="cannot tell which base model this LoRA is for: conflicting evidence"):
+        tl.check_architecture(tl.detect_architecture(tl.parse_lora(mixed)), tl.ARCH_FLUX)
 
 
 def test_a_slice_of_the_wrong_size_and_unknown_modules_are_unmatched():

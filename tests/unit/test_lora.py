@@ -77,10 +77,47 @@ def test_peft_alpha_from_diffusers_adapter_metadata():
     parsed = tl.parse_lora(sd15_like("peft"))
     meta = {"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 8, "unet.r": R,
                                                  "unet.alpha_pattern": {"attn2.to_k": 1}})}
-    tl.apply_peft_metadata_alphas(parsed, meta)
+    assert tl.apply_peft_metadata_alphas(parsed, meta).filled == 4
     conv = tl.to_canonical(parsed, tl.ARCH_SD1)
     alpha = {k.rsplit("_", 2)[-1].split(".")[0]: float(v) for k, v in conv.state_dict.items() if k.endswith("alpha")}
-    assert alpha["q"] == 8 and alpha["k"] == 1 and parsed.alpha_source.startswith("lora_adapter_metadata")
+    assert alpha["q"] == 8 and alpha["k"] == 1
+    plan = tl.plan_lora(sd15_like("peft"), meta, "x.safetensors", tl.ARCH_SD1, {}, _targets(), False)
+    assert plan.alpha_source == tl.ALPHA_FROM_ADAPTER_METADATA and not plan.warnings
+
+
+@pytest.mark.parametrize("raw,problem", [
+    ("{unet.lora_alpha: 8", "it is not valid JSON"),
+    ("[8, 4]", "it is a JSON list"),
+    ('"alpha 8"', "it is a JSON str"),
+    ({"unet.lora_alpha": 8}, "it is a dict, not JSON text"),
+    (json.dumps({"unet.lora_alpha": "8"}), "'unet.lora_alpha' is \"8\", not a finite number"),
+    (json.dumps({"unet.lora_alpha": True}), "'unet.lora_alpha' is true, not a finite number"),
+    (json.dumps({"unet.lora_alpha": float("nan")}), "'unet.lora_alpha' is NaN, not a finite number"),
+    (json.dumps({"unet.lora_alpha": 8, "unet.alpha_pattern": ["attn2.to_k"]}),
+     "'unet.alpha_pattern' is [\"attn2.to_k\"], not an object"),
+    (json.dumps({"unet.lora_alpha": 8, "unet.alpha_pattern": {"attn2.to_k": None}}),
+     "'unet.alpha_pattern'['attn2.to_k'] is null, not a finite number"),
+])
+def test_unusable_adapter_metadata_stops_a_lora_whose_layers_need_it(raw, problem):
+    """Layers without alpha take their scale from the metadata: a guessed scale 1 could be 8x too strong."""
+    with pytest.raises(ValueError) as e:
+        tl.plan_lora(sd15_like("peft"), {"lora_adapter_metadata": raw}, "x.safetensors", tl.ARCH_SD1, {},
+                     _targets(), False)
+    msg = str(e.value)
+    assert msg.startswith("the lora_adapter_metadata of 'x.safetensors' cannot be used: ") and problem in msg
+    assert "Allowed: the JSON object diffusers saves" in msg and "4 layers have no alpha of their own" in msg
+    assert "fix or remove that metadata entry" in msg
+
+
+def test_unusable_adapter_metadata_is_a_warning_when_every_layer_has_its_alpha():
+    plan = tl.plan_lora(sd15_like("kohya"), {"lora_adapter_metadata": "[8]"}, "x.safetensors", tl.ARCH_SD1, {},
+                        _targets(), False)
+    assert plan.unet_layers == 4 and plan.alpha_source == tl.ALPHA_FROM_KEYS
+    assert plan.warnings == ["lora_adapter_metadata ignored (it is a JSON list ('[8]'), not an object): every layer "
+                             "has its own alpha, so the scale does not depend on it"]
+    plan = tl.plan_lora(sd15_like("peft"), {"lora_adapter_metadata": ""}, "x.safetensors", tl.ARCH_SD1, {},
+                        _targets(), False)
+    assert plan.alpha_source == tl.ALPHA_NONE and not plan.warnings          # empty: no metadata, as diffusers
 
 
 def test_text_encoder_keys_in_every_spelling_map_to_lora_te():
@@ -175,12 +212,18 @@ def test_conflicting_or_missing_evidence_is_unknown():
     _layer(sd, "text_encoder_2.text_model.encoder.layers.0.self_attn.q_proj", ".lora_B.weight", ".lora_A.weight",
            1280, 1280)
     found = tl.detect_architecture(tl.parse_lora(sd))
-    assert found.name == tl.ARCH_UNKNOWN and found.evidence.startswith("conflicting")
+    assert found.name == tl.ARCH_UNKNOWN and found.verdict is tl.Verdict.CONFLICTING
+    assert found.evidence.startswith("conflicting evidence: SD1.x: cross-attention context 768; SDXL: ")
     with pytest.raises(ValueError, match="cannot tell which base model"):
         tl.check_architecture(found, tl.ARCH_SD1)
     only_conv = {k: v for k, v in sd15_like("kohya").items() if "resnets" in k}
-    assert tl.detect_architecture(tl.parse_lora(only_conv)).name == tl.ARCH_UNKNOWN
+    assert tl.detect_architecture(tl.parse_lora(only_conv)).verdict is tl.Verdict.UNDECIDED
     tl.check_architecture(tl.detect_architecture(tl.parse_lora(only_conv)), tl.ARCH_SD1)  # shapes decide later
+    foreign = tl.detect_architecture(tl.parse_lora(sd15_like("kohya", context=1536)))
+    assert foreign.name == tl.ARCH_UNKNOWN and foreign.verdict is tl.Verdict.FOREIGN
+    with pytest.raises(ValueError, match="cannot tell which base model 'y' is for: cross-attention context width "
+                                         "1536 is not SD1.x"):
+        tl.check_architecture(foreign, tl.ARCH_SD1, "'y'")
 
 
 # ------------------------------------------------------------------------------------------------ validation, plan
