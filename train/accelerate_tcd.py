@@ -691,55 +691,96 @@ def main(argv=None) -> int:
     return 0
 
 
+@dataclass
+class Run:
+    """What the phases of one CLI run share: the accelerator, the models, the LoRA and its optimizer."""
+    args: argparse.Namespace
+    plan: Plan
+    accelerator: object
+    output_dir: Path
+    pipe: object = None
+    unet: object = None
+    vae: object = None
+    objective: object = None
+    rank: int = 0
+    alpha: float = 0.0
+    named_trainable: list = None
+    ema: object = None
+    optimizer: object = None
+    lr_scheduler: object = None
+    wrapped: object = None                      # the UNet as accelerate prepared it (DDP on several processes)
+    module: object = None                       # the plain UNet with its PEFT adapter
+    start_step: int = 0
+    t0: float = 0.0                             # wall clock at the first optimizer step of this run
+
+    def log(self, msg: str) -> None:
+        self.accelerator.print(f"[tcd] {msg}")
+
+    @property
+    def global_batch(self) -> int:
+        return self.args.train_batch_size * self.accelerator.num_processes * self.args.gradient_accumulation_steps
+
+
 def train(args, plan: Plan) -> Path:
+    run = start_run(args, plan)
+    load_models(run)
+    attach_lora_and_optimizer(run)
+    register_lora_checkpointing(run)
+    resume(run)
+    step = train_steps(run)
+    return finish(run, step)
+
+
+def start_run(args, plan: Plan) -> Run:
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
-    from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline
-    from diffusers.optimization import get_scheduler
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
-    from safetensors.torch import load_file
-    from tqdm.auto import tqdm
-
     output_dir = Path(args.output_dir).expanduser()
     accelerator = Accelerator(cpu=args.cpu, gradient_accumulation_steps=args.gradient_accumulation_steps,
                               mixed_precision=args.mixed_precision, log_with=plan.report_to,
                               project_config=ProjectConfiguration(project_dir=str(output_dir),
                                                                   logging_dir=str(output_dir / "logs")))
-    log = (lambda msg: accelerator.print(f"[tcd] {msg}"))
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
-    device = accelerator.device
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    return Run(args, plan, accelerator, output_dir)
 
-    # 1. Models: frozen weights in weight_dtype (the VAE in float32 where its config asks to upcast, as SDXL's).
-    pipe = load_pipeline(args, plan)
-    pipe_cls = StableDiffusionXLPipeline if plan.arch == "sdxl" else StableDiffusionPipeline
+
+def load_models(run: Run) -> None:
+    """Frozen weights in the mixed-precision dtype (the VAE in float32 where its config asks to upcast, as SDXL's),
+    and the objective on the pipeline's own noise schedule and prediction type."""
+    from diffusers import DDPMScheduler
+    device = run.accelerator.device
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.accelerator.mixed_precision,
+                                                                        torch.float32)
+    pipe = load_pipeline(run.args, run.plan)
     unet, vae = pipe.unet, pipe.vae
     text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     for m in [vae, *text_encoders]:
         m.requires_grad_(False)
-    vae_dtype = torch.float32 if getattr(vae.config, "force_upcast", False) else weight_dtype
-    vae.to(device, dtype=vae_dtype)
+    vae.to(device, dtype=torch.float32 if getattr(vae.config, "force_upcast", False) else weight_dtype)
     for m in text_encoders:
         m.to(device, dtype=weight_dtype)
     unet.to(device, dtype=weight_dtype)
     sched_cfg = pipe.scheduler.config
-    prediction_type = sched_cfg.get("prediction_type", "epsilon")
     alphas_cumprod = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
-    objective = _make_objective(args, alphas_cumprod, prediction_type)
+    run.pipe, run.unet, run.vae = pipe, unet, vae
+    run.objective = _make_objective(run.args, alphas_cumprod, sched_cfg.get("prediction_type", "epsilon"))
 
-    # 2. LoRA (same initial weights on every process: seeded before creation; DDP also broadcasts rank 0's).
-    rank, alpha = args.lora_rank, float(args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
+
+def attach_lora_and_optimizer(run: Run) -> None:
+    """The LoRA (the same initial weights on every process: seeded before creation; DDP also broadcasts rank 0's),
+    its EMA, the optimizer and the learning-rate schedule, prepared by accelerate."""
+    from diffusers.optimization import get_scheduler
+    args = run.args
+    run.rank, run.alpha = args.lora_rank, float(args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
     torch.manual_seed(args.seed)
-    named_trainable = add_lora(unet, rank, alpha)
-    params = [p for _, p in named_trainable]
+    run.named_trainable = add_lora(run.unet, run.rank, run.alpha)
+    params = [p for _, p in run.named_trainable]
     if args.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    ema = LoraEMA(named_trainable, args.ema_decay) if args.ema_decay > 0 else None
-
+        run.unet.enable_gradient_checkpointing()
+    run.ema = LoraEMA(run.named_trainable, args.ema_decay) if args.ema_decay > 0 else None
     if args.use_8bit_adam:
         import bitsandbytes as bnb
         optimizer_cls = bnb.optim.AdamW8bit
@@ -749,15 +790,21 @@ def train(args, plan: Plan) -> Path:
                               weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
     # Stepped once per optimizer step by this loop (not by accelerate, which steps prepared schedulers once per
     # process), so the schedule does not depend on the number of processes.
-    lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
-                                 num_training_steps=args.max_train_steps)
-    wrapped, optimizer = accelerator.prepare(unet, optimizer)
-    module = accelerator.unwrap_model(wrapped)
-    accelerator.register_for_checkpointing(lr_scheduler)
-    if ema is not None:
-        accelerator.register_for_checkpointing(ema)
+    run.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
+                                     num_training_steps=args.max_train_steps)
+    run.wrapped, run.optimizer = run.accelerator.prepare(run.unet, optimizer)
+    run.module = run.accelerator.unwrap_model(run.wrapped)
+    run.accelerator.register_for_checkpointing(run.lr_scheduler)
+    if run.ema is not None:
+        run.accelerator.register_for_checkpointing(run.ema)
 
-    # 3. Checkpoints hold the LoRA only (not the frozen UNet): accelerate's save/load hooks, as diffusers' scripts.
+
+def register_lora_checkpointing(run: Run) -> None:
+    """Checkpoints hold the LoRA only (not the frozen UNet): accelerate's save/load hooks, as diffusers' scripts."""
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+    accelerator, module = run.accelerator, run.module
+
     def save_hook(models, weights, folder):
         if accelerator.is_main_process:
             save_safetensors_atomic({k: v.float() for k, v in get_peft_model_state_dict(module).items()},
@@ -776,41 +823,42 @@ def train(args, plan: Plan) -> Path:
     accelerator.register_save_state_pre_hook(save_hook)
     accelerator.register_load_state_pre_hook(load_hook)
 
-    start_step = 0
+
+def resume(run: Run) -> None:
+    plan, accelerator = run.plan, run.accelerator
     if plan.resume_dir is not None:
         saved = json.loads((plan.resume_dir / "training_state.json").read_text())
-        global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-        if saved.get("global_batch") != global_batch:
-            log(f"warning: the checkpoint was trained with global batch {saved.get('global_batch')}, this run "
-                f"uses {global_batch}; the data stream continues at a different position than an uninterrupted run")
+        if saved.get("global_batch") != run.global_batch:
+            run.log(f"warning: the checkpoint was trained with global batch {saved.get('global_batch')}, this run "
+                    f"uses {run.global_batch}; the data stream continues at a different position than an "
+                    f"uninterrupted run")
         accelerator.load_state(str(plan.resume_dir))
         accelerator.step = 0          # accumulation counter: checkpoints are written at optimizer-step boundaries
-        start_step = plan.resume_step
-        log(f"resumed from {plan.resume_dir} at step {start_step}")
+        run.start_step = plan.resume_step
+        run.log(f"resumed from {plan.resume_dir} at step {run.start_step}")
     if accelerator.is_main_process:
-        _truncate_log(output_dir / LOG_FILE, start_step)
+        _truncate_log(run.output_dir / LOG_FILE, run.start_step)
 
-    # 4. Data: this process's share of each global batch (no accelerate sharding: positions are global).
+
+def data_loader(run: Run):
+    """This process's share of each global batch (no accelerate sharding: positions are global)."""
+    args, plan, accelerator = run.args, run.plan, run.accelerator
     dataset = CaptionedImages(plan.items, plan.resolution, args.seed, args.random_crop, args.random_flip)
-    sampler = PositionSampler(start_step, args.max_train_steps, args.train_batch_size, accelerator.process_index,
-                              accelerator.num_processes, args.gradient_accumulation_steps)
-    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
-                                         num_workers=args.dataloader_num_workers,
-                                         persistent_workers=args.dataloader_num_workers > 0)
-    conditioner = Conditioner(pipe, plan.arch, plan.resolution, device)
-    if accelerator.is_main_process and plan.report_to:
-        accelerator.init_trackers("tcd-lora", config={k: v for k, v in vars(args).items()
-                                                      if isinstance(v, (int, float, str, bool))})
-    global_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
-    log(f"{plan.arch}: {len(plan.items)} images, {accelerator.num_processes} process(es) x batch "
-        f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation = global batch {global_batch}; "
-        f"LoRA rank {rank} on {len(named_trainable) // 2} layers; steps {start_step} -> {args.max_train_steps}")
+    sampler = PositionSampler(run.start_step, args.max_train_steps, args.train_batch_size,
+                              accelerator.process_index, accelerator.num_processes, args.gradient_accumulation_steps)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                       num_workers=args.dataloader_num_workers,
+                                       persistent_workers=args.dataloader_num_workers > 0)
 
-    # 5. The three models of tcd.losses, all on the one UNet.
-    student = Student(wrapped, module)
+
+def tcd_models(run: Run):
+    """The three models of tcd.losses, all on the one UNet: student (LoRA, trained), teacher (adapters off, as
+    diffusers' SDXL LCM-LoRA script), target (the EMA LoRA, or the online one)."""
+    module, ema = run.module, run.ema
+    student = Student(run.wrapped, module)
 
     def teacher(x, t, cond):
-        module.disable_adapters()     # base weights only: the teacher (diffusers' SDXL LCM-LoRA script)
+        module.disable_adapters()
         try:
             return unet_output(module, x, t, cond)
         finally:
@@ -823,34 +871,56 @@ def train(args, plan: Plan) -> Path:
                                           {"encoder_hidden_states": cond["embeds"],
                                            "added_cond_kwargs": cond.get("added"), "return_dict": False},
                                           strict=False)[0]
+    return student, teacher, target
+
+
+def encode_latents(run: Run, pixels: torch.Tensor, generators: list) -> torch.Tensor:
+    """VAE latents in the UNet's space, each sample's posterior drawn from its own generator; in chunks: a float32
+    VAE encoder holds ~0.6 GB of activations per 512 px image, ~2.6 GB at 1024 px."""
+    vae, chunk = run.vae, run.args.vae_batch_size
+    with torch.no_grad():
+        pixels = pixels.to(run.accelerator.device, dtype=vae.dtype)
+        latents = torch.cat([vae.encode(pixels[i:i + chunk]).latent_dist.sample(generator=generators[i:i + chunk])
+                             for i in range(0, len(generators), chunk)])
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        return ((latents - shift) * vae.config.scaling_factor).float()
+
+
+def train_steps(run: Run) -> int:
+    """The optimizer steps from run.start_step to --max_train_steps: loss log, checkpoints, validation."""
+    from tqdm.auto import tqdm
+    args, plan, accelerator = run.args, run.plan, run.accelerator
+    loader = data_loader(run)
+    conditioner = Conditioner(run.pipe, plan.arch, plan.resolution, accelerator.device)
+    if accelerator.is_main_process and plan.report_to:
+        accelerator.init_trackers("tcd-lora", config={k: v for k, v in vars(args).items()
+                                                      if isinstance(v, (int, float, str, bool))})
+    run.log(f"{plan.arch}: {len(plan.items)} images, {accelerator.num_processes} process(es) x batch "
+            f"{args.train_batch_size} x {args.gradient_accumulation_steps} accumulation = global batch "
+            f"{run.global_batch}; LoRA rank {run.rank} on {len(run.named_trainable) // 2} layers; steps "
+            f"{run.start_step} -> {args.max_train_steps}")
+    student, teacher, target = tcd_models(run)
+    params = [p for _, p in run.named_trainable]
 
     def micro_step(batch) -> torch.Tensor:
         generators = [sample_generator(args.seed, p) for p in batch["positions"]]
-        with torch.no_grad():
-            pixels = batch["pixels"].to(device, dtype=vae.dtype)
-            # In chunks: a float32 VAE encoder holds ~0.6 GB of activations per 512 px image, ~2.6 GB at 1024 px.
-            chunk = args.vae_batch_size
-            latents = torch.cat([vae.encode(pixels[i:i + chunk]).latent_dist.sample(generator=generators[i:i + chunk])
-                                 for i in range(0, len(generators), chunk)])
-            shift = getattr(vae.config, "shift_factor", None) or 0.0
-            latents = ((latents - shift) * vae.config.scaling_factor).float()
+        latents = encode_latents(run, batch["pixels"], generators)
         cond, uncond = conditioner(batch["captions"], batch["original_sizes"], batch["crop_top_lefts"])
         student.calls = 0
         with accelerator.autocast():
-            return objective(student, target, teacher, latents, cond, uncond, generator=generators)
+            return run.objective(student, target, teacher, latents, cond, uncond, generator=generators)
 
-    # 6. Loop.
-    progress = tqdm(total=args.max_train_steps, initial=start_step, desc="TCD LoRA",
+    progress = tqdm(total=args.max_train_steps, initial=run.start_step, desc="TCD LoRA",
                     disable=not accelerator.is_local_main_process)
-    wrapped.train()
+    run.wrapped.train()
     batches = iter(loader)
-    step = start_step
-    t0 = time.time()
+    step = run.start_step
+    run.t0 = time.time()
     while step < args.max_train_steps:
         micro_losses = []
         for _ in range(args.gradient_accumulation_steps):
             batch = next(batches)
-            with accelerator.accumulate(wrapped):
+            with accelerator.accumulate(run.wrapped):
                 loss = micro_step(batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {float(loss)} at step {step + 1}; lower --learning_rate "
@@ -858,44 +928,49 @@ def train(args, plan: Plan) -> Path:
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, args.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+                run.optimizer.step()
+                run.optimizer.zero_grad(set_to_none=True)
             micro_losses.append(loss.detach())
         if not accelerator.sync_gradients:
             raise RuntimeError("gradient accumulation fell out of step with the optimizer steps")
-        lr = lr_scheduler.get_last_lr()[0]          # the rate this step used
-        lr_scheduler.step()
-        if ema is not None:
-            ema.update(named_trainable)
+        lr = run.lr_scheduler.get_last_lr()[0]          # the rate this step used
+        run.lr_scheduler.step()
+        if run.ema is not None:
+            run.ema.update(run.named_trainable)
         step += 1
         step_loss = accelerator.reduce(torch.stack(micro_losses).mean(), reduction="mean").item()
         progress.update(1)
         progress.set_postfix(loss=f"{step_loss:.4g}", lr=f"{lr:.3g}")
         if accelerator.is_main_process:
-            with open(output_dir / LOG_FILE, "a") as f:
+            with open(run.output_dir / LOG_FILE, "a") as f:
                 f.write(json.dumps({"step": step, "loss": step_loss, "lr": lr}) + "\n")
         accelerator.log({"loss": step_loss, "lr": lr}, step=step)
-
         if (args.checkpointing_steps and step % args.checkpointing_steps == 0) or step == args.max_train_steps:
-            save_checkpoint(accelerator, args, output_dir, step, global_batch, plan)
+            save_checkpoint(accelerator, args, run.output_dir, step, run.global_batch, plan)
         if args.validation_steps and step % args.validation_steps == 0:
             if accelerator.is_main_process:
-                run_validation(pipe, args, plan, accelerator, step, output_dir)
+                run_validation(run.pipe, args, plan, accelerator, step, run.output_dir)
             accelerator.wait_for_everyone()
     progress.close()
+    return step
 
-    # 7. The LoRA in diffusers' load_lora_weights format (and the EMA one beside it).
+
+def finish(run: Run, step: int) -> Path:
+    """The LoRA in diffusers' load_lora_weights format (and the EMA one beside it), and the last validation."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    args, plan, accelerator = run.args, run.plan, run.accelerator
+    pipe_cls = StableDiffusionXLPipeline if plan.arch == "sdxl" else StableDiffusionPipeline
     accelerator.wait_for_everyone()
-    final = output_dir / args.lora_name
+    final = run.output_dir / args.lora_name
     if accelerator.is_main_process:
         meta = lora_metadata(args, plan, step)
-        save_lora(pipe_cls, lora_state_dict(module, rank, alpha), output_dir, args.lora_name, meta)
-        if ema is not None:
-            save_lora(pipe_cls, lora_state_dict(module, rank, alpha, ema.shadow), output_dir,
+        save_lora(pipe_cls, lora_state_dict(run.module, run.rank, run.alpha), run.output_dir, args.lora_name, meta)
+        if run.ema is not None:
+            save_lora(pipe_cls, lora_state_dict(run.module, run.rank, run.alpha, run.ema.shadow), run.output_dir,
                       args.lora_name.replace(".safetensors", "_ema.safetensors"), meta)
-        log(f"saved {final} ({time.time() - t0:.1f} s for {args.max_train_steps - start_step} steps)")
+        run.log(f"saved {final} ({time.time() - run.t0:.1f} s for {args.max_train_steps - run.start_step} steps)")
         if args.validation_prompts and not (args.validation_steps and step % args.validation_steps == 0):
-            run_validation(pipe, args, plan, accelerator, step, output_dir)
+            run_validation(run.pipe, args, plan, accelerator, step, run.output_dir)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return final
