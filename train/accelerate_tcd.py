@@ -572,13 +572,31 @@ class LoraEMA:
 
 
 # ================================================================================================ conditioning
+def sdxl_time_ids(original_sizes, crop_top_lefts, target_size, dtype) -> torch.Tensor:
+    """SDXL's micro-conditioning, one row per sample: original (h, w) + crop top-left (y, x) + target (h, w), as
+    diffusers' StableDiffusionXLPipeline builds add_time_ids (SDXL paper, section 2.2)."""
+    return torch.tensor([list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crop_top_lefts)],
+                        dtype=dtype)
+
+
 class Conditioner:
     """Caption -> UNet conditioning through the pipeline's own `encode_prompt` (the inference path), plus SDXL's
-    pooled embeddings and time ids (original size, crop top-left, target size: `_get_add_time_ids`)."""
+    pooled embeddings and time ids (original size, crop top-left, target size)."""
 
     def __init__(self, pipe, arch: str, resolution: int, device):
         self.pipe, self.arch, self.resolution, self.device = pipe, arch, resolution, device
         self._uncond = None
+
+    def _check_time_ids(self, time_ids: torch.Tensor) -> None:
+        """The UNet's added-condition MLP must take the pooled text embedding plus one Fourier embedding per time id
+        (the shape check diffusers' pipeline makes), else the UNet config does not match this text encoder."""
+        unet, proj_dim = self.pipe.unet, self.pipe.text_encoder_2.config.projection_dim
+        expected = unet.add_embedding.linear_1.in_features
+        got = unet.config.addition_time_embed_dim * time_ids.shape[1] + proj_dim
+        if got != expected:
+            raise ValueError(f"the SDXL UNet's add_embedding takes {expected} features but this text encoder and "
+                             f"{time_ids.shape[1]} time ids give {got}: the UNet and text_encoder_2 come from "
+                             f"different models; use one model's folder or file")
 
     @torch.no_grad()
     def __call__(self, captions, original_sizes=None, crop_top_lefts=None) -> tuple[dict, dict]:
@@ -587,10 +605,9 @@ class Conditioner:
             return {"embeds": embeds}, {"embeds": self._sd_uncond(len(captions))}
         embeds, _, pooled, _ = self.pipe.encode_prompt(captions, device=self.device, num_images_per_prompt=1,
                                                        do_classifier_free_guidance=False)
-        proj_dim = self.pipe.text_encoder_2.config.projection_dim
         target = (self.resolution, self.resolution)
-        time_ids = torch.cat([self.pipe._get_add_time_ids(tuple(o), tuple(c), target, embeds.dtype, proj_dim)
-                              for o, c in zip(original_sizes, crop_top_lefts)]).to(self.device)
+        time_ids = sdxl_time_ids(original_sizes, crop_top_lefts, target, embeds.dtype).to(self.device)
+        self._check_time_ids(time_ids)
         cond = {"embeds": embeds, "added": {"text_embeds": pooled, "time_ids": time_ids}}
         # SDXL's unconditional branch: zeros when the pipeline forces zeros for an empty prompt (SDXL base's
         # config, and diffusers' LCM-LoRA SDXL script), else the empty prompt's embeddings.

@@ -376,3 +376,10 @@ def test_sdxl_run_with_micro_conditioning_second_order_tcf_and_validation(work, 
     n_layers = sum(".lora_A." in k for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()) == n_layers
     assert float((pipe(generator=torch.Generator().manual_seed(0), **kw).images - base).abs().max()) > 1e-4
+
+
+def test_sdxl_time_ids_follow_the_sdxl_micro_conditioning_layout():
+    """original (h, w) + crop top-left (y, x) + target (h, w) per sample, the layout of SDXL's add_time_ids."""
+    ids = cli.sdxl_time_ids([(768, 1024), (512, 512)], [(0, 128), (3, 4)], (512, 512), torch.float16)
+    assert ids.dtype == torch.float16
+    assert ids.tolist() == [[768, 1024, 0, 128, 512, 512], [512, 512, 3, 4, 512, 512]]

@@ -387,7 +387,7 @@ def _peft_layers(model):
 
 
 def test_canonical_form_loads_fully_in_diffusers_sd15(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
@@ -428,7 +428,7 @@ def test_canonical_form_loads_fully_in_diffusers_sd15(tmp_path):
 
 
 def test_canonical_form_loads_fully_in_diffusers_sdxl(tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(0)
     unet = diffusers.UNet2DConditionModel(
@@ -463,10 +463,11 @@ def test_canonical_form_loads_fully_in_diffusers_sdxl(tmp_path):
 
 def test_sdxl_add_embedding_under_its_diffusers_name_would_be_lost_by_diffusers():
     """Why the canonical form keeps label_emb for SDXL's add_embedding (module docstring)."""
-    conv = pytest.importorskip("diffusers.loaders.lora_conversion_utils")
+    from diffusers import StableDiffusionXLPipeline
     sd = {}
     _layer(sd, "lora_unet_add_embedding_linear_1", ".lora_up.weight", ".lora_down.weight", 8, 8, 1)
     _layer(sd, "lora_unet_label_emb_0_0", ".lora_up.weight", ".lora_down.weight", 8, 8, 1)
-    out, _ = conv._convert_non_diffusers_lora_to_diffusers(dict(sd))
+    # The public entry point load_lora_weights reads a kohya-format state dict through.
+    out, _ = StableDiffusionXLPipeline.lora_state_dict(dict(sd))
     names = sorted(k for k in out if k.endswith("down.weight"))
     assert names == ["unet.add.embedding.linear.lora.down.weight", "unet.add_embedding.linear_1.lora.down.weight"]
