@@ -38,12 +38,19 @@ def comfy_model_sampling(pred):
 
 def comfy_denoiser(ms):
     """`net` as ComfyUI's BaseModel.apply_model would run it, in the object layout a sampler receives
-    (KSamplerX0Inpaint -> CFGGuider -> BaseModel, each reachable as .inner_model)."""
+    (KSamplerX0Inpaint -> CFGGuider -> BaseModel, each reachable as .inner_model; the guider's model_patcher
+    answers get_model_object("model_sampling") as ComfyUI 0.12+'s samplers ask it)."""
     class BaseModel:
         model_sampling = ms
 
+    class ModelPatcher:                     # newer samplers read model_sampling through the guider's patcher
+        @staticmethod
+        def get_model_object(name):
+            return {"model_sampling": ms}[name]
+
     class Guider:
         inner_model = BaseModel
+        model_patcher = ModelPatcher
 
     class Denoiser:
         inner_model = Guider

@@ -73,8 +73,17 @@ def model_config(kind: str, **overrides):
     if kind == "sd3":
         return sm.SD3({**TINY_SD3, **overrides})
     if kind == "flux":
-        return sm.Flux({**TINY_FLUX, **overrides})
+        return sm.Flux({**TINY_FLUX, **_host_flux_defaults(), **overrides})
     raise ValueError(f"kind {kind!r} is not 'sd3' or 'flux'")
+
+
+def _host_flux_defaults() -> dict:
+    """Flux parameters newer ComfyUI requires that 0.3.75 does not know: `txt_ids_dims` (ComfyUI 0.12+; its
+    detection sets [] for Flux.1 dev/schnell), added only where the host's FluxParams has the field."""
+    import dataclasses
+    from comfy.ldm.flux.model import FluxParams
+    fields = {f.name for f in dataclasses.fields(FluxParams)}
+    return {"txt_ids_dims": []} if "txt_ids_dims" in fields else {}
 
 
 def diffusion_state_dict(kind: str, seed: int = 0, dtype=None, **overrides) -> dict:

@@ -32,7 +32,12 @@ class TinyFluxLoader:
                                                    return_metadata=True)
         if not metadata or FLUX_CONFIG_KEY not in metadata:
             raise ValueError(f"{unet_name!r} has no {FLUX_CONFIG_KEY} metadata: not a tiny test Flux")
-        cfg = sm.Flux(json.loads(metadata[FLUX_CONFIG_KEY]))
+        unet_config = json.loads(metadata[FLUX_CONFIG_KEY])
+        import dataclasses
+        from comfy.ldm.flux.model import FluxParams
+        if "txt_ids_dims" in {f.name for f in dataclasses.fields(FluxParams)}:
+            unet_config.setdefault("txt_ids_dims", [])      # newer hosts' Flux.1 value (their model_detection)
+        cfg = sm.Flux(unet_config)
         cfg.set_inference_dtype(torch.float32, None)
         model = cfg.get_model({}, device="cpu")
         model.load_model_weights({"diffusion_model." + k: v for k, v in sd.items()}, "diffusion_model.")
