@@ -76,11 +76,36 @@ def frechet_distance(fx: torch.Tensor, fy: torch.Tensor) -> float:
     return float(((mu_x - mu_y) ** 2).sum() + np.trace(s_x) + np.trace(s_y) - 2 * np.trace(covmean))
 
 
-class Scorer:
-    """KID / FD against the held-out digits and class accuracy, with the classifier trained on the training split."""
+def cached_classifier(images: torch.Tensor, labels: torch.Tensor, seed: int = 0, cache=None) -> DigitNet:
+    """train_classifier, cached in the folder `cache` (if given) by this module's code, the data and the seed."""
+    if cache is None:
+        return train_classifier(images, labels, seed=seed)
+    import hashlib
+    from pathlib import Path
+    from .teacher import _code_without_docs
+    h = hashlib.sha256(_code_without_docs(Path(__file__).read_text()).encode())
+    h.update(images.float().contiguous().numpy().tobytes())
+    h.update(labels.contiguous().numpy().tobytes())
+    h.update(str(seed).encode())
+    path = Path(cache) / f"digit-classifier-{h.hexdigest()[:12]}.pt"
+    net = DigitNet()
+    if path.is_file():
+        net.load_state_dict(torch.load(path, weights_only=True))
+        return net.eval().requires_grad_(False)
+    net = train_classifier(images, labels, seed=seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(net.state_dict(), tmp)
+    tmp.replace(path)
+    return net
 
-    def __init__(self, train_images, train_labels, test_images, test_labels, seed: int = 0):
-        self.net = train_classifier(train_images, train_labels, seed=seed)
+
+class Scorer:
+    """KID / FD against the held-out digits and class accuracy, with the classifier trained on the training split
+    (cached in `cache` when given)."""
+
+    def __init__(self, train_images, train_labels, test_images, test_labels, seed: int = 0, cache=None):
+        self.net = cached_classifier(train_images, train_labels, seed=seed, cache=cache)
         with torch.no_grad():
             self.test_features = self.net.features(test_images)
             self.test_accuracy = float((self.net(test_images).argmax(1) == test_labels).float().mean())

@@ -36,21 +36,38 @@ def adapted_workflow(teacher_path: str, dataset: str, uncond_dataset: str, objec
     return graph
 
 
-def distill_over_http(base: Path, comfyui_dir: Path, python: str, graph: dict, lora_name: str) -> dict:
-    """Start a server on `base` (its output folder already holds the datasets), run the graph, return the LoRA path
-    and the times: the prompt's own run time and the server start."""
-    import sys
-    sys.path.insert(0, str(REPO / "scripts"))
-    import comfyhost
-    comfyhost.prepare_base(base)
-    link = base / "custom_nodes" / "efficacy_benchmark_nodes"
-    if not link.exists():
-        link.symlink_to(SERVER_NODES, target_is_directory=True)
-    t0 = time.time()
-    with comfyhost.ComfyServer(base, comfyui_dir, python) as server:
-        started = time.time() - t0
-        result = server.run_prompt(graph, timeout=3600)
-    path = base / "models" / "loras" / f"{lora_name}.safetensors"
-    if not path.is_file():
-        raise RuntimeError(f"the server run finished but wrote no {path}")
-    return {"lora_path": str(path), "prompt_s": result["seconds"], "server_start_s": started}
+class HttpDistill:
+    """A server on `base` (its output folder already holds the datasets) running the graph in the background, so the
+    caller can sample in the meantime; `result()` waits and returns the LoRA path and the times."""
+
+    def __init__(self, base: Path, comfyui_dir: Path, python: str, graph: dict, lora_name: str):
+        import sys
+        sys.path.insert(0, str(REPO / "scripts"))
+        import comfyhost
+        comfyhost.prepare_base(base)
+        link = base / "custom_nodes" / "efficacy_benchmark_nodes"
+        if not link.exists():
+            link.symlink_to(SERVER_NODES, target_is_directory=True)
+        self.path = base / "models" / "loras" / f"{lora_name}.safetensors"
+        t0 = time.time()
+        self.server = comfyhost.ComfyServer(base, comfyui_dir, python).start()
+        self.server_start_s = time.time() - t0
+        self.t_queued = time.time()
+        try:
+            self.prompt_id = self.server.queue(graph)
+        except BaseException:
+            self.server.stop()
+            raise
+
+    def result(self) -> dict:
+        import comfyhost
+        try:
+            entry = self.server.wait(self.prompt_id, timeout=3600)
+            seconds = time.time() - self.t_queued
+            if entry["status"].get("status_str") != "success":
+                raise comfyhost.PromptFailed(self.prompt_id, entry["status"])
+        finally:
+            self.server.stop()
+        if not self.path.is_file():
+            raise RuntimeError(f"the server run finished but wrote no {self.path}")
+        return {"lora_path": str(self.path), "prompt_s": seconds, "server_start_s": self.server_start_s}
