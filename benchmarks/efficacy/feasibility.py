@@ -19,9 +19,8 @@ SD15_SMALLEST = dict(model_channels=320, channel_mult=[1], num_res_blocks=[1], t
                      transformer_depth_output=[1, 1], transformer_depth_middle=-1, context_dim=768)
 
 
-def _seconds_per_sample(step, batch: int, repeats: int = 3) -> float:
-    for _ in range(2):
-        step()
+def _seconds_per_sample(step, batch: int, repeats: int = 2) -> float:
+    step()                                  # warm-up
     best = float("inf")
     for _ in range(repeats):
         c0 = time.process_time()
@@ -58,7 +57,7 @@ def _taesd_step(batch: int):
     return step, sum(p.numel() for p in vae.parameters())
 
 
-def loadable_model_cost(teacher_train_cpu_s: float, batch: int = 32) -> dict:
+def loadable_model_cost(teacher_train_cpu_s: float, batch: int = 8) -> dict:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -39,6 +39,10 @@ def comparisons(results: dict) -> list[dict]:
         for teacher in FEW_STEP_TEACHER_KEYS:
             for n in nfes:
                 pairs.append(("tcd_vs_teacher_same_nfe", tcd, n, teacher, n))
+    for m in results["methods"]:
+        if m["sweep"] and m["model"] == "tcd":
+            for n in m["nfes"]:
+                pairs.append(("tcd_gamma_vs_lcm", m["key"], n, "lcm", n))
     out = []
     for kind, a, na, b, nb in pairs:
         for metric, (_, _, sign) in METRICS.items():
@@ -70,7 +74,7 @@ def best_teacher_at(results: dict, steps: int) -> str:
 
 def teacher_short(key: str) -> str:
     return {"teacher_ddim": "DDIM", "teacher_dpmpp_2m": "DPM++ 2M Karras",
-            "teacher_dpmpp_2m_sgm": "DPM++ 2M sgm_uniform"}[key]
+            "teacher_dpmpp_2m_sgm": "DPM++ 2M sgm_uniform"}.get(key, key)
 
 
 def grid_rows(results: dict) -> list[tuple[str, int]]:
@@ -95,7 +99,7 @@ def grid_png(images: dict, results: dict, path: Path, scale: int = 4) -> Path:
         draw.text((label_w + pad + d * (cell + pad) + cell // 2 - 3, 4), str(d), fill=(0, 0, 0))
     for r, (key, steps) in enumerate(rows):
         y = head + pad + r * (cell + pad)
-        text = f"{_label(results, key)}\n{steps} steps"
+        text = f"{_label(results, key)}\n{steps} steps".replace("γ", "gamma")   # ASCII: PIL's default font
         draw.multiline_text((6, y + cell // 2 - 12), text, fill=(0, 0, 0))
         batch = images[(key, steps)]
         for d in range(10):
@@ -113,11 +117,32 @@ def _table(results: dict, metric: str) -> list[str]:
     cols = list(cfg["nfes"]) + list(cfg["teacher_ref_steps"])
     lines = ["| method | " + " | ".join(f"{c} steps" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for m in results["methods"]:
+        if m["sweep"]:
+            continue
         row = results["scores"][m["key"]]
         lines.append(f"| {m['label']} | " + " | ".join(_cell(row[str(c)][metric]) if str(c) in row else ""
                                                      for c in cols) + " |")
     lines.append(f"| real digits (training split vs held-out): the floor | {_cell(results['floor'][metric])} |"
                  + " |" * (len(cols) - 1))
+    return lines
+
+
+def _sweep_lines(results: dict) -> list[str]:
+    """KID / accuracy of the TCD Sampler at several gammas, for the LoRA and for the teacher itself, and LCM."""
+    rows = [m for m in results["methods"] if m["sweep"] or m["key"] in ("tcd_ksampler", "lcm")]
+    rows.sort(key=lambda m: (m["model"] != "tcd", m["model"] != "lcm", m["gamma"] if m["gamma"] is not None else 0.3))
+    nfes = [2, 4]
+    lines = ["| sampler | " + " | ".join(f"NFE {n}: KID" + " | accuracy" for n in nfes) + " |",
+             "|---" * (2 * len(nfes) + 1) + "|"]
+    for m in rows:
+        row = results["scores"][m["key"]]
+        cells = []
+        for n in nfes:
+            if str(n) in row:
+                cells += [_cell(row[str(n)]["kid"]), _cell(row[str(n)]["accuracy"])]
+            else:
+                cells += ["", ""]
+        lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
     return lines
 
 
@@ -147,6 +172,15 @@ def _goal_lines(results: dict) -> list[str]:
         for n in cfg["nfes"]:
             parts = [f"{METRICS[m][0]} {say(find('tcd_vs_lcm', tcd, 'lcm', na=n, metric=m))}" for m in METRICS]
             lines.append(f"  - NFE {n}: " + "; ".join(parts))
+    sweep_tcd = [m["key"] for m in results["methods"] if m["sweep"] and m["model"] == "tcd"]
+    if sweep_tcd:
+        lines.append("- **TCD LoRA with the TCD Sampler at other gammas vs the LCM LoRA** (the gamma sweep below):")
+        for key in sweep_tcd:
+            parts = []
+            for c in comps:
+                if c["kind"] == "tcd_gamma_vs_lcm" and c["a"] == key:
+                    parts.append(f"NFE {c['a_steps']} {METRICS[c['metric']][0]} {say(c)}")
+            lines.append(f"  - {_label(results, key)}: " + "; ".join(parts))
     for tcd in TCD_KEYS:
         lines.append(f"- **{_label(results, tcd)} vs the teacher at the same number of steps**:")
         for n in cfg["nfes"]:
@@ -194,7 +228,8 @@ def summary_markdown(results: dict) -> str:
         "# Does the TCD Distill LoRA node work? End to end in ComfyUI (measured)",
         "",
         f"Produced by `make bench` (`benchmarks/efficacy`, config `{results['config_name']}`) in "
-        f"{results['wall_s'] / 60:.1f} min wall, {results['cpu_s'] / 60:.1f} min CPU, on {results['machine']}.",
+        f"{results['wall_s'] / 60:.1f} min wall, {results['cpu_s'] / 60:.1f} min CPU (this process and its two "
+        f"workers; the server's own CPU time not counted), on {results['machine']}.",
         "",
         "**Teacher**: an SD1.5-family model built in-process from ComfyUI's own classes (`comfy.supported_models.SD15` "
         f"with a smaller UNet, {train.get('unet_params', 0) / 1e6:.2f} M parameters: 32/64/64 channels, attention at "
@@ -244,9 +279,22 @@ def summary_markdown(results: dict) -> str:
         "",
         *_table(results, "accuracy"),
         "",
+        "KID's floor here is negative, not 0: every set scored (real or generated) holds exactly "
+        f"{cfg['per_prompt']} digits of each class, which has fewer same-class pairs than the i.i.d. draws the "
+        "unbiased estimator assumes, and that lowers it by the same amount for every row. Compare rows with each "
+        "other and with the floor.",
+        "",
         "## The goals, as measured (paired differences A − B over seeds, 95% t-intervals)",
         "",
         *_goal_lines(results),
+        "",
+        "## Gamma (γ), for the TCD LoRA and for the teacher itself",
+        "",
+        f"The TCD Sampler at several γ ({len(cfg['seeds'])} seeds, same noise): how far each step jumps along the learned trajectory "
+        "(to s = (1 − γ)·t_next) before re-noising. The teacher row uses the same sampler on the teacher without "
+        "the LoRA, with its CFG.",
+        "",
+        *_sweep_lines(results),
         "",
         "## A trained model for `make demo`?",
         "",

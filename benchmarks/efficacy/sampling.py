@@ -37,6 +37,9 @@ class Method:
     scheduler: str = ""
     cfg: float = 1.0
     reference: bool = True  # a teacher method also sampled at the reference step counts (25 / 50)
+    gamma: float | None = None   # TCD Sampler: this gamma at every NFE instead of GAMMA_BY_NFE
+    nfes: tuple = ()        # sampled at these NFE only (default: the run's NFE list)
+    sweep: bool = False     # part of the gamma sweep (its own table), not of the main comparison
 
 
 def methods(teacher_cfg: float) -> list[Method]:
@@ -51,6 +54,17 @@ def methods(teacher_cfg: float) -> list[Method]:
         Method("tcd_ksampler", "TCD LoRA, KSampler tcd (γ 0.3, cfg 1)", "tcd", "ksampler", "tcd", "tcd"),
         Method("tcd_sampler", "TCD LoRA, TCD Sampler (γ per NFE, cfg 1)", "tcd", "tcd_sampler"),
     ]
+
+
+def gamma_sweep(teacher_cfg: float) -> list[Method]:
+    """How gamma moves the scores, for the TCD LoRA (cfg 1) and for the teacher itself under the same TCD Sampler
+    (with its CFG): the explanation of where the declared gammas land. 0.3 is KSampler `tcd`'s row."""
+    out = [Method(f"tcd_gamma_{g:g}", f"TCD LoRA, TCD Sampler γ {g:g} (cfg 1)", "tcd", "tcd_sampler", gamma=g,
+                  nfes=(2, 4), sweep=True) for g in (0.0, 0.5, 1.0)]
+    out += [Method(f"teacher_tcd_gamma_{g:g}", f"Teacher, TCD Sampler γ {g:g} (cfg {teacher_cfg:g})", "teacher",
+                   "tcd_sampler", cfg=teacher_cfg, gamma=g, nfes=(4,), reference=False, sweep=True)
+            for g in (0.0, 0.3, 1.0)]
+    return out
 
 
 def node(name: str):
@@ -87,7 +101,8 @@ def sample(method: Method, model, steps: int, seed: int, positive, negative, bat
             out = node("KSampler")().sample(model, seed, steps, method.cfg, method.sampler, method.scheduler,
                                             positive, negative, latent, denoise=1.0)[0]
         else:
-            sampler = node("TCD_Sampler")().get_sampler(GAMMA_BY_NFE[steps])[0]
+            gamma = GAMMA_BY_NFE[steps] if method.gamma is None else method.gamma
+            sampler = node("TCD_Sampler")().get_sampler(gamma)[0]
             sigmas = node("TCD_Scheduler")().get_sigmas(model, steps, 1.0, 50, "comfyui")[0]
             result = node("SamplerCustom").execute(model, True, seed, method.cfg, positive, negative, sampler,
                                                    sigmas, latent)
