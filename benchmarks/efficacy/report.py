@@ -143,7 +143,26 @@ def _sweep_lines(results: dict) -> list[str]:
             else:
                 cells += ["", ""]
         lines.append(f"| {m['label']} | " + " | ".join(cells) + " |")
+    lines += ["", _gamma_trend(results, rows)]
     return lines
+
+
+def _gamma_trend(results: dict, rows: list) -> str:
+    """One sentence: does KID at NFE 4 fall as gamma grows, for the LoRA and for the teacher?"""
+    def trend(model):
+        # the sweep's rows of this model, plus KSampler `tcd` (gamma 0.3) for the LoRA
+        chosen = [m for m in rows if m["model"] == model and (m["sweep"] or m["key"] == "tcd_ksampler")]
+        pts = sorted((0.3 if m["gamma"] is None else m["gamma"], results["scores"][m["key"]]["4"]["kid"]["mean"])
+                     for m in chosen)
+        return pts, all(b[1] < a[1] for a, b in zip(pts, pts[1:]))
+
+    parts = []
+    for model, name in (("tcd", "the TCD LoRA"), ("teacher", "the teacher itself")):
+        pts, falling = trend(model)
+        if len(pts) > 1:
+            parts.append(f"for {name} KID at NFE 4 goes " + " → ".join(f"{_fmt(k)} (γ {g:g})" for g, k in pts)
+                         + (", falling as γ grows" if falling else ", not monotone in γ"))
+    return "Measured: " + "; ".join(parts) + "." if parts else ""
 
 
 def _goal_lines(results: dict) -> list[str]:
@@ -290,8 +309,8 @@ def summary_markdown(results: dict) -> str:
         "",
         "## Gamma (γ), for the TCD LoRA and for the teacher itself",
         "",
-        f"The TCD Sampler at several γ ({len(cfg['seeds'])} seeds, same noise): how far each step jumps along the learned trajectory "
-        "(to s = (1 − γ)·t_next) before re-noising. The teacher row uses the same sampler on the teacher without "
+        f"The TCD Sampler at several γ ({len(cfg['seeds'])} seeds, same noise): how far each step jumps along the "
+        "learned trajectory (to s = (1 − γ)·t_next) before re-noising. The teacher row uses the same sampler on the teacher without "
         "the LoRA, with its CFG.",
         "",
         *_sweep_lines(results),
