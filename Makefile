@@ -5,7 +5,7 @@ SHELL := /bin/bash
 HOST := source scripts/host/env.sh &&
 PYTEST_ARGS ?=
 
-.PHONY: host demo test test-unit bench soak ui clean-host
+.PHONY: host demo test test-unit bench soak ui clean-host docs-assets
 
 host:
 	@bash scripts/host/setup.sh >/dev/null
@@ -18,6 +18,10 @@ test: host
 
 test-unit: host
 	@$(HOST) "$$HOST_PY" -m pytest -c tests/pytest.ini tests/unit $(PYTEST_ARGS)
+
+# Refresh the README's screenshots and the bad-input matrix from the tests that record them.
+docs-assets: host
+	@$(HOST) TCD_UPDATE_DOCS=1 "$$HOST_PY" -m pytest -c tests/pytest.ini tests/ui/test_workflows_ui.py tests/server/test_hardening.py $(PYTEST_ARGS)
 
 bench: host
 	@$(HOST) "$$HOST_PY" benchmarks/run_all.py

@@ -2,9 +2,12 @@
 
 The same random LoRA layers (every >= 2-D UNet weight, and every CLIP attention/MLP weight) are written in each key
 format for the tiny SD1.5 checkpoint and an in-process tiny SDXL (real comfy.model_base.SDXL; its CLIP-L/bigG are
-ComfyUI's real classes, used only for the key map and patch counting). Core = comfy.sd.load_lora_for_models on the
-file as it is (what LoraLoader does); this loader = tcd.lora conversion, then the same function. Counts are the
-weights that received a patch (ModelPatcher.patches of the model / the CLIP's patcher).
+ComfyUI's real classes, used only for the key map and patch counting). Flow transformers: the tiny SD3-class and
+Flux-class models of scripts/make_tiny_flow.py, with layers over every ComfyUI weight (ldm-named formats) or every
+Linear / Conv2d of the same-shaped diffusers transformer (diffusers-named formats, split q/k/v included; see
+tests/support/flow_lora_files.py). Core = comfy.sd.load_lora_for_models on the file as it is (what LoraLoader
+does); this loader = tcd.lora conversion, then the same function. Counts are the patches added (ModelPatcher.patches
+of the model / the CLIP's patcher): one per LoRA layer, also where split q/k/v layers patch slices of one weight.
 
     source scripts/host/env.sh && $HOST_PY benchmarks/lora_coverage.py
 Writes benchmarks/results/lora_coverage.json and .md.
@@ -42,6 +45,21 @@ def coverage(arch, model, clip, layers, lf, backend, tl):
     return rows
 
 
+def flow_coverage(arch, model, kind, flf, backend, tl):
+    rows = []
+    layers = {naming: flf.make_layers(kind, model, naming) for naming in ("ldm", "diffusers")}
+    for fmt, (_, naming) in flf.FORMATS.items():
+        sd = flf.write_format(fmt, layers[naming])
+        plan = tl.plan_lora(sd, {}, f"{fmt}.safetensors", backend.model_architecture(model),
+                            backend.unet_ldm_to_diffusers(model), backend.lora_target_shapes(model), False)
+        ours = backend.apply_lora(model, None, plan.state_dict, 1.0, 0.0)[2]
+        core = backend.apply_lora(model, None, sd, 1.0, 0.0)[2]
+        rows.append({"format": fmt, "detected_format": plan.format, "architecture": arch,
+                     "unet_layers": len(layers[naming]), "te_layers": 0, "this_loader_unet": ours,
+                     "this_loader_te": 0, "core_unet": core, "core_te": 0})
+    return rows
+
+
 def main():
     t0 = time.time()
     comfyui_dir = Path(os.environ["COMFYUI_DIR"])
@@ -63,14 +81,20 @@ def main():
     rows += coverage("SDXL (tiny)", xl, xl_clip, lf.make_layers(lf.unet_targets(xl), lf.te_targets(xl_clip)),
                      lf, backend, tl)
 
+    import make_tiny_flow
+    from support import flow_lora_files as flf
+    for kind, arch in (("sd3", "SD3 (tiny)"), ("flux", "Flux (tiny)")):
+        rows += flow_coverage(arch, make_tiny_flow.tiny_model_patcher(kind), kind, flf, backend, tl)
+
     import comfyui_version
     meta = {"comfyui": comfyui_version.__version__, "python": platform.python_version(),
             "seconds": round(time.time() - t0, 1)}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "lora_coverage.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     lines = [f"# LoRA layers patched: TCD LoRA Loader vs core LoraLoader (ComfyUI {meta['comfyui']})", "",
-             "UNet + text-encoder layers that received a patch, out of the layers in the file.", "",
-             "| format | architecture | UNet: this loader | UNet: core | text enc.: this loader | text enc.: core |",
+             "UNet / transformer and text-encoder layers that received a patch, out of the layers in the file "
+             "(bold: layers lost).", "",
+             "| format | architecture | model: this loader | model: core | text enc.: this loader | text enc.: core |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         te = (lambda n: f"{n}/{r['te_layers']}") if r["te_layers"] else (lambda n: "-")

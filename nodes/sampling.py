@@ -7,20 +7,24 @@ from __future__ import annotations
 import torch
 
 from ..tcd import backend
-from ..tcd.sampling import FINAL_STEP_MODES, expand_gamma, parse_gamma_schedule, sample_tcd
+from ..tcd.sampling import FINAL_STEP_MODES, check_tcf_order, expand_gamma, parse_gamma_schedule, sample_tcd
 from ..tcd.schedule import DENOISE_MODES, sigmas_at_timesteps, tcd_timesteps, tcd_timesteps_denoised
 
 GAMMA_TOOLTIP = ("TCD's gamma (diffusers calls it eta): the fraction of each step that is re-noised. "
                  "0 = deterministic, DDIM-like; 1 = LCM-like. 0.3 is the TCD default; more steps tolerate more gamma. "
                  "Not the 'eta' of ComfyUI's ancestral samplers.")
+TCF_ORDER_TOOLTIP = ("Order of each step's jump along the ODE trajectory (the paper's trajectory consistency function). "
+                     "1 = the paper's sampler, exactly diffusers' TCDScheduler (1 model call per step). "
+                     "2 = second-order jumps (DPM-Solver++(2S) midpoint): 2 model calls per step, so 4 steps cost "
+                     "like 8; gamma means the same.")
 
 
 def sample_tcd_comfy(model, x, sigmas, extra_args=None, callback=None, disable=None, gamma=0.3,
-                     final_step="diffusers", noise_sampler=None):
+                     final_step="diffusers", noise_sampler=None, tcf_order=1):
     """sample_tcd on a ComfyUI model: the schedule comes from the model's own model_sampling."""
     schedule = backend.schedule_for(backend.model_sampling_of(model))
     x = sample_tcd(model, x, sigmas, extra_args=extra_args, callback=callback, disable=disable, gamma=gamma,
-                   noise_sampler=noise_sampler, schedule=schedule, final_step=final_step)
+                   noise_sampler=noise_sampler, schedule=schedule, final_step=final_step, tcf_order=tcf_order)
     mask = (extra_args or {}).get("denoise_mask")
     latent = getattr(model, "latent_image", None)
     if mask is not None and latent is not None and float(sigmas[-1]) == 0:
@@ -35,7 +39,8 @@ KSAMPLER_GRID = 50      # the `tcd` entry of KSampler's scheduler list uses diff
 
 
 def tcd_sigmas(model_sampling, steps, denoise=1.0, original_steps=50, denoise_mode="comfyui") -> torch.Tensor:
-    """SIGMAS at diffusers' TCD timesteps, looked up in the model's own sigma table (TCD_SPEC §2.2)."""
+    """SIGMAS at diffusers' TCD timesteps, looked up in the model's own sigma table (so ComfyUI's timestep(sigma)
+    recovers each integer timestep exactly)."""
     table = backend.sigma_table(model_sampling)
     return sigmas_at_timesteps(table, tcd_timesteps_denoised(steps, denoise, denoise_mode, original_steps,
                                                              table.numel()))
@@ -73,6 +78,7 @@ class TCDSampler:
                                "What the last step returns. diffusers: the same latent diffusers' TCDScheduler returns "
                                "(x at t=0 with 3% of the predicted noise left, for exact parity). x0: the clean "
                                "prediction."}),
+                "tcf_order": ("INT", {"default": 1, "min": 1, "max": 2, "tooltip": TCF_ORDER_TOOLTIP}),
             },
         }
 
@@ -82,16 +88,17 @@ class TCDSampler:
     FUNCTION = "get_sampler"
     CATEGORY = "sampling/custom_sampling/samplers"
     DESCRIPTION = ("Trajectory Consistency Distillation sampler (strategic stochastic sampling, paper Algorithm 4), "
-                   "numerically equal to diffusers' TCDScheduler with eta = gamma. Use with a TCD or Hyper-SD LoRA, "
-                   "cfg 1.0 (= diffusers guidance_scale 0), 4-8 steps.")
+                   "numerically equal to diffusers' TCDScheduler with eta = gamma (tcf_order 1; tcf_order 2 takes "
+                   "second-order jumps at 2 model calls per step). Use with a TCD or Hyper-SD LoRA, cfg 1.0 "
+                   "(= diffusers guidance_scale 0), 4-8 steps.")
 
-    def get_sampler(self, gamma, gamma_schedule="", final_step="diffusers"):
+    def get_sampler(self, gamma, gamma_schedule="", final_step="diffusers", tcf_order=1):
         import comfy.samplers
         values = parse_gamma_schedule(gamma_schedule or "")
         gamma_spec = values if values else float(gamma)
         expand_gamma(gamma_spec, max(len(values), 1))  # reject out-of-range values now, not mid-sampling
-        return (comfy.samplers.KSAMPLER(sample_tcd_comfy, extra_options={"gamma": gamma_spec,
-                                                                         "final_step": final_step}),)
+        options = {"gamma": gamma_spec, "final_step": final_step, "tcf_order": check_tcf_order(tcf_order)}
+        return (comfy.samplers.KSAMPLER(sample_tcd_comfy, extra_options=options),)
 
 
 class TCDScheduler:

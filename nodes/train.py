@@ -10,10 +10,25 @@ from pathlib import Path
 import torch
 
 from ..tcd import backend
-from ..tcd.losses import LOSS_TYPES
+from ..tcd.losses import LOSS_TYPES, RECIPES
 from ..tcd.tcf import TCF_ORDERS
 from ..train import comfy_loop, dataset, plot
 from .sampling import TCDSampler, tcd_sigmas
+
+
+RECIPE_CHOICES = [*RECIPES, "custom"]
+
+
+def recipe_settings(recipe, tcf_order, loss, rho) -> dict:
+    """rho / loss / tcf_order of a named recipe, or the node's own inputs for "custom".
+
+    Graphs saved before the recipe input existed send no recipe: they keep meaning what they said (custom).
+    """
+    if recipe is None or recipe == "custom":
+        return dict(tcf_order=int(tcf_order), loss=loss, rho=float(rho))
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe={recipe!r} is not one of {RECIPE_CHOICES}")
+    return dict(RECIPES[recipe])
 
 
 def _one(value, default=None):
@@ -55,13 +70,14 @@ class TCDDistillLoRA:
                                    "Skipping grid: the teacher jumps 1000 // original_steps timesteps (50 -> 20, the "
                                    "TCD paper's choice); also the grid the target time s is drawn on."}),
                 "tcf_order": ("INT", {"default": 1, "min": min(TCF_ORDERS), "max": max(TCF_ORDERS), "tooltip":
-                              "Trajectory consistency function order: 1 = DDIM form (one model pass per TCF), "
-                              "2 = DPM-Solver++(2S) midpoint (two passes, more accurate jumps)."}),
+                              "Used with recipe = custom. Trajectory consistency function order: 1 = DDIM form (one "
+                              "model pass per TCF), 2 = DPM-Solver++(2S) midpoint (two passes)."}),
                 "ema_decay": ("FLOAT", {"default": 0.95, "min": 0.0, "max": 0.9999, "step": 0.0001, "tooltip":
                               "Target network = EMA of the LoRA with this decay; 0 = the online LoRA under no_grad "
                               "(diffusers' LCM-LoRA scripts)."}),
                 "loss": (list(LOSS_TYPES), {"default": "huber", "tooltip":
-                         "Distance between student and target: pseudo-Huber (c = 0.001) or L2."}),
+                         "Used with recipe = custom. Distance between student and target: huber (elementwise "
+                         "pseudo-Huber, c = 0.001), l2, or huber_sample (per-sample pseudo-Huber of iCT)."}),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "tooltip":
                          "Seeds the LoRA initialisation and every random draw (batches, timesteps, noise, w)."}),
                 "lora_name": ("STRING", {"default": "tcd_lora", "tooltip":
@@ -90,6 +106,14 @@ class TCDDistillLoRA:
                 "clip": ("CLIP", {"tooltip": "Encodes the image_folder captions (and the empty prompt)."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip":
                                "image_folder images are resized and centre-cropped to this square size."}),
+                "recipe": (RECIPE_CHOICES, {"default": "recommended", "tooltip":
+                           "recommended: the objective settings measured best against LCM (rho "
+                           f"{RECIPES['recommended']['rho']}, {RECIPES['recommended']['loss']}, TCF order "
+                           f"{RECIPES['recommended']['tcf_order']}; docs/recipe.md). paper: the TCD paper's (rho 0, "
+                           "huber, order 1). custom: the tcf_order, loss and rho inputs."}),
+                "rho": ("FLOAT", {"default": 0.0, "min": 0.0, "max": 1.0, "step": 0.05, "tooltip":
+                        "Used with recipe = custom. Probability that the target time s is 0; otherwise s is "
+                        "uniform on the grid below t_n (0 = the paper)."}),
                 "objective": (list(comfy_loop.OBJECTIVES), {"default": "tcd", "tooltip":
                               "tcd: trajectory consistency (random target time s <= t_n). lcm: the LCM baseline "
                               "(s = 0 with LCM's c_skip / c_out)."}),
@@ -134,13 +158,15 @@ class TCDDistillLoRA:
               ema_decay, loss, seed, lora_name, save_every, resume, latents=None, conditioning=None, negative=None,
               image_folder=None, vae=None, clip=None, resolution=None, objective=None, training_dtype=None,
               gradient_checkpointing=None, warmup_steps=None, max_grad_norm=None, validation_every=None,
-              validation_draws=None, validation_steps=None, validation_gamma=None, save_dtype=None):
+              validation_draws=None, validation_steps=None, validation_gamma=None, save_dtype=None, recipe=None,
+              rho=None):
         model = _one(model)
+        objective_settings = recipe_settings(_one(recipe), _one(tcf_order), _one(loss), _one(rho, 0.0))
         cfg = comfy_loop.DistillConfig(
             steps=_one(steps), batch_size=_one(batch_size), learning_rate=float(_one(learning_rate)),
             rank=_one(rank), alpha=float(_one(alpha)), w_min=float(_one(w_min)), w_max=float(_one(w_max)),
-            original_steps=_one(original_steps), tcf_order=_one(tcf_order), ema_decay=float(_one(ema_decay)),
-            loss=_one(loss), seed=_one(seed), objective=_one(objective, "tcd"), dtype=_one(training_dtype, "auto"),
+            original_steps=_one(original_steps), ema_decay=float(_one(ema_decay)), seed=_one(seed),
+            **objective_settings, objective=_one(objective, "tcd"), dtype=_one(training_dtype, "auto"),
             gradient_checkpointing=bool(_one(gradient_checkpointing, False)), warmup_steps=_one(warmup_steps, 0),
             max_grad_norm=float(_one(max_grad_norm, 1.0)), save_every=_one(save_every, 0),
             validation_every=_one(validation_every, 0), validation_draws=_one(validation_draws, 4),

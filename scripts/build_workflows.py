@@ -22,6 +22,13 @@ SDXL = "sd_xl_base_1.0.safetensors"
 TCD_SD15 = "TCD-SD15-LoRA.safetensors"
 TCD_SDXL = "TCD-SDXL-LoRA.safetensors"
 HYPER_SD15 = "Hyper-SD15-1step-lora.safetensors"
+SD3 = "sd3_medium_incl_clips_t5xxlfp16.safetensors"
+HYPER_SD3 = "Hyper-SD3-8steps-CFG-lora.safetensors"
+FLUX_DEV = "flux1-dev.safetensors"
+FLUX_CLIP_L, FLUX_T5 = "clip_l.safetensors", "t5xxl_fp16.safetensors"
+FLUX_VAE = "ae.safetensors"
+HYPER_FLUX = "Hyper-FLUX.1-dev-8steps-lora.safetensors"
+AUTO = "auto (from the LoRA loader)"
 NEGATIVE = ""
 
 
@@ -54,7 +61,7 @@ def encode(g, clip, positive, negative=NEGATIVE):
 
 
 def custom_advanced(g, model, pos, neg, latent, seed, steps, gamma, denoise=1.0, cfg=1.0, title=None):
-    sampler = g.add("TCD_Sampler", gamma=gamma, gamma_schedule="", final_step="diffusers")
+    sampler = g.add("TCD_Sampler", gamma=gamma, gamma_schedule="", final_step="diffusers", tcf_order=1)
     sigmas = g.add("TCD_Scheduler", model=model, steps=steps, denoise=denoise, original_steps=50,
                    denoise_mode="comfyui")
     noise = g.add("RandomNoise", noise_seed=seed)
@@ -118,7 +125,7 @@ def gamma_comparison():
     images = []
     for gamma in (0.0, 0.3, 0.6, 1.0):
         sampler = g.add("TCD_Sampler", title=f"TCD Sampler (gamma {gamma})", gamma=gamma, gamma_schedule="",
-                        final_step="diffusers")
+                        final_step="diffusers", tcf_order=1)
         sample = g.add("SamplerCustomAdvanced", noise=g.out(noise), guider=g.out(guider), sampler=g.out(sampler),
                        sigmas=g.out(sigmas), latent_image=g.out(latent))
         images.append(g.add("VAEDecode", samples=g.out(sample), vae=g.out(ckpt, 2)))
@@ -181,6 +188,65 @@ def hypersd_1step():
     ]
 
 
+def preset_sample(g, model, lora, guider, latent, seed):
+    """Few-step Preset (family read by the loader) -> SamplerCustomAdvanced."""
+    preset = g.add("TCD_FewStepPreset", model=model, preset=AUTO, steps=0, family=g.out(lora, 3))
+    noise = g.add("RandomNoise", noise_seed=seed)
+    return preset, g.add("SamplerCustomAdvanced", noise=g.out(noise), guider=g.out(guider(preset)),
+                         sampler=g.out(preset, 0), sigmas=g.out(preset, 1), latent_image=latent)
+
+
+def sd3_tcd_txt2img():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD3)
+    lora = lora_loader(g, ckpt, HYPER_SD3, strength=0.125)
+    pos = g.add("CLIPTextEncode", title="Positive", text="a red fox in fresh snow, morning light, detailed fur",
+                clip=g.out(lora, 1))
+    neg = g.add("CLIPTextEncode", title="Negative", text="blurry, low quality", clip=g.out(lora, 1))
+    latent = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+    _, sample = preset_sample(g, g.out(lora, 0), lora, lambda preset: g.add(
+        "CFGGuider", model=g.out(lora, 0), positive=g.out(pos), negative=g.out(neg), cfg=g.out(preset, 2)),
+        g.out(latent), seed=0)
+    decode_save(g, g.out(sample), g.out(ckpt, 2), "tcd_sd3")
+    return g.nodes, [
+        "SD3 + Hyper-SD3 8-step CFG LoRA, sampled by the TCD sampler on SD3's flow schedule.\nThe TCD LoRA Loader "
+        "applies every layer (diffusers/PEFT split q/k/v included) at strength 0.125, as the Hyper-SD card "
+        "recommends, and reads the family from the file name.",
+        "Few-step Preset (auto): the family's settings as SAMPLER + SIGMAS + cfg. Hyper-SD3 8-step: gamma 0 (the "
+        "flow Euler sampler its authors use), 8 steps, cfg 5 (card: 3 / 5 / 7 at 4 / 8 / 16 steps).\nOn flow "
+        "models gamma is applied in the model's own time: s = (1 - gamma) * sigma_next (docs/flow_models.md).",
+    ]
+
+
+def flux_tcd_txt2img():
+    g = Graph()
+    unet = g.add("UNETLoader", unet_name=FLUX_DEV, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux", device="default")
+    vae = g.add("VAELoader", vae_name=FLUX_VAE)
+    lora = g.add("TCD_LoraLoader", model=g.out(unet), clip=g.out(clip), lora_name=HYPER_FLUX, strength_model=0.125,
+                 strength_clip=0.125, on_unmatched="error")
+    shifted = g.add("ModelSamplingFlux", model=g.out(lora, 0), max_shift=1.15, base_shift=0.5, width=1024,
+                    height=1024)
+    pos = g.add("CLIPTextEncode", title="Positive", text="a lighthouse on a cliff at dusk, waves, cinematic",
+                clip=g.out(lora, 1))
+    latent = g.add("EmptySD3LatentImage", width=1024, height=1024, batch_size=1)
+
+    def guider(preset):
+        guided = g.add("FluxGuidance", conditioning=g.out(pos), guidance=g.out(preset, 3))
+        return g.add("BasicGuider", model=g.out(shifted), conditioning=g.out(guided))
+
+    _, sample = preset_sample(g, g.out(shifted), lora, guider, g.out(latent), seed=0)
+    decode_save(g, g.out(sample), g.out(vae), "tcd_flux")
+    return g.nodes, [
+        "FLUX.1-dev + Hyper-FLUX 8-step LoRA at strength 0.125 (the Hyper-SD card's value), sampled by the TCD "
+        "sampler on Flux's flow schedule. ModelSamplingFlux sets the resolution-dependent shift; the TCD timesteps "
+        "are read from the shifted schedule.",
+        "Few-step Preset (auto): Hyper-FLUX = gamma 0 (flow Euler), 8 steps, no CFG (BasicGuider) and FluxGuidance "
+        "3.5 from the preset's flux_guidance output.\nTry the TCD Sampler with gamma > 0 instead of the preset's "
+        "sampler to re-noise part of each step (docs/flow_models.md).",
+    ]
+
+
 def distill(g, ckpt, steps=2000, lora_name="my_tcd_lora"):
     """TCD Distill LoRA on a folder of captioned images (every widget spelled out, as the frontend saves them)."""
     return g.add("TCD_DistillLoRA", model=g.out(ckpt, 0), vae=g.out(ckpt, 2), clip=g.out(ckpt, 1),
@@ -188,7 +254,8 @@ def distill(g, ckpt, steps=2000, lora_name="my_tcd_lora"):
                  alpha=64.0, w_min=3.0, w_max=15.0, original_steps=50, tcf_order=1, ema_decay=0.95, loss="huber",
                  seed=0, lora_name=lora_name, save_every=500, resume=True, objective="tcd", training_dtype="auto",
                  gradient_checkpointing=True, warmup_steps=100, max_grad_norm=1.0, validation_every=250,
-                 validation_draws=4, validation_steps=4, validation_gamma=0.3, save_dtype="fp16")
+                 validation_draws=4, validation_steps=4, validation_gamma=0.3, save_dtype="fp16",
+                 recipe="recommended", rho=0.0)
 
 
 def distill_tcd_lora():
@@ -227,7 +294,8 @@ def train_then_sample():
 
 
 BUILDERS = {f.__name__: f for f in (sd15_tcd_lora_txt2img, sdxl_tcd_custom_advanced, gamma_comparison, img2img,
-                                     inpainting, hypersd_1step, distill_tcd_lora, train_then_sample)}
+                                     inpainting, hypersd_1step, distill_tcd_lora, train_then_sample,
+                                     sd3_tcd_txt2img, flux_tcd_txt2img)}
 
 
 def write_api(name, api):

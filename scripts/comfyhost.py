@@ -236,6 +236,20 @@ def comfy_in_process(comfyui_dir: Path, pack_dir: Path = REPO):
     return sys.modules[module_name]
 
 
+def make_tiny_flow_models(comfyui_dir: Path, out_dir: Path, python: str = sys.executable) -> dict:
+    """Write the tiny SD3-class / Flux-class model files (scripts/make_tiny_flow.py) into out_dir's models/ layout
+    unless they exist; returns {part: path}."""
+    out_dir = Path(out_dir)
+    parts = {"sd3_checkpoint": "checkpoints/tiny_sd3.safetensors", "sd3_unet": "diffusion_models/tiny_sd3.safetensors",
+             "flux_unet": "diffusion_models/tiny_flux.safetensors", "clip_l": "text_encoders/tiny_clip_l.safetensors",
+             "vae": "vae/tiny_taesd16.safetensors"}
+    paths = {k: out_dir / v for k, v in parts.items()}
+    if not all(p.exists() for p in paths.values()):
+        subprocess.run([python, str(REPO / "scripts" / "make_tiny_flow.py"), "--comfyui", str(comfyui_dir),
+                        "--out-dir", str(out_dir)], check=True, capture_output=True)
+    return paths
+
+
 def make_tiny_checkpoint(comfyui_dir: Path, out: Path, python: str = sys.executable, extra: tuple = ()) -> Path:
     """Write the tiny real SD1.5 checkpoint (ComfyUI's own classes, random weights) unless it already exists."""
     out = Path(out)

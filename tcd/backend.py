@@ -147,6 +147,8 @@ def unet_ldm_to_diffusers(model_patcher) -> dict[str, str]:
     base_model = getattr(model_patcher, "model", model_patcher)
     unet_config = base_model.model_config.unet_config
     mapping = {}
+    if "num_res_blocks" not in unet_config:     # a transformer (SD3, Flux): no UNet table
+        return mapping
     for diffusers_key, ldm_key in comfy.utils.unet_to_diffusers(unet_config).items():
         for suffix in (".weight", ".bias"):
             if diffusers_key.endswith(suffix) and ldm_key.endswith(suffix):
@@ -162,12 +164,19 @@ def unet_weight_shapes(model_patcher) -> dict[str, tuple]:
             if k.startswith(prefix) and k.endswith(".weight") and v.ndim >= 2}
 
 
+# ComfyUI model classes (comfy.model_base) of the flow transformers the LoRA loader handles. Subclasses with other
+# layers (Flux2, Chroma) are not included: their LoRA key maps differ.
+FLOW_MODEL_CLASSES = {"SD3": "SD3", "Flux": "Flux"}
+
+
 def model_architecture(model_patcher) -> str:
-    """SD1.x / SD2.x / SDXL for a ComfyUI UNet model (from its class and cross-attention context width), else a
-    description of what it is."""
+    """SD1.x / SD2.x / SDXL for a ComfyUI UNet model (from its class and cross-attention context width), SD3 / Flux
+    for those flow transformers, else a description of what it is."""
     from .lora import CONTEXT_DIM, ARCH_SDXL
     base_model = getattr(model_patcher, "model", model_patcher)
     cls = type(base_model).__name__
+    if cls in FLOW_MODEL_CLASSES:
+        return FLOW_MODEL_CLASSES[cls]
     unet_config = getattr(getattr(base_model, "model_config", None), "unet_config", {}) or {}
     context = unet_config.get("context_dim")
     if "num_res_blocks" not in unet_config:
@@ -180,17 +189,38 @@ def model_architecture(model_patcher) -> str:
     return arch
 
 
+def _target_shape(target, sd) -> tuple | None:
+    """Shape of the weight (or weight slice) a LoRA key map entry patches: a key; (key, (dim, offset, size)) for a
+    slice of a fused weight (ComfyUI's split diffusers q/k/v of SD3 / Flux); (key, None, function) for a weight
+    patched through a function (Flux / SD3 norm_out's scale/shift swap)."""
+    key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
+    weight = sd.get(key)
+    if weight is None or weight.ndim < 2:
+        return None
+    shape = list(weight.shape)
+    if offset is not None:
+        dim, _, size = offset
+        shape[dim] = size
+    return tuple(shape)
+
+
 def lora_target_shapes(model_patcher, clip=None) -> dict[str, tuple]:
     """`lora_*` key base -> weight shape for every weight ComfyUI's own LoRA key map can patch in this model (and
-    CLIP). Built with comfy.lora.model_lora_keys_unet / model_lora_keys_clip, the maps load_lora_for_models uses,
-    so a layer found here is a layer ComfyUI applies."""
+    CLIP); for SD3 / Flux also `transformer.<diffusers module>` -> the shape of the weight or slice it patches.
+    Built with comfy.lora.model_lora_keys_unet / model_lora_keys_clip, the maps load_lora_for_models uses, so a
+    layer found here is a layer ComfyUI applies."""
     import comfy.lora
     shapes = {}
     if model_patcher is not None:
         sd = model_patcher.model.state_dict()
+        flow = type(model_patcher.model).__name__ in FLOW_MODEL_CLASSES
         for key, target in comfy.lora.model_lora_keys_unet(model_patcher.model, {}).items():
             if key.startswith("lora_unet_") and isinstance(target, str) and target in sd:
                 shapes[key] = tuple(sd[target].shape)
+            elif flow and key.startswith("transformer."):
+                shape = _target_shape(target, sd)
+                if shape is not None:
+                    shapes[key] = shape
     if clip is not None:
         sd = clip.cond_stage_model.state_dict()
         for key, target in comfy.lora.model_lora_keys_clip(clip.cond_stage_model, {}).items():
@@ -204,13 +234,14 @@ def _patch_counts(patcher) -> dict:
 
 
 def patched_since(before: dict, patcher) -> int:
-    """Number of weights that got a new patch compared to the `before` snapshot (_patch_counts)."""
+    """Number of patches added since the `before` snapshot (_patch_counts): one per LoRA layer, also where several
+    layers patch slices of one weight (diffusers' split q/k/v on SD3's / Flux's fused qkv)."""
     after = _patch_counts(patcher)
-    return sum(1 for k, n in after.items() if n > before.get(k, 0))
+    return sum(max(0, n - before.get(k, 0)) for k, n in after.items())
 
 
 def apply_lora(model, clip, lora_sd: dict, strength_model: float, strength_clip: float):
-    """comfy.sd.load_lora_for_models, plus how many model and CLIP weights it patched.
+    """comfy.sd.load_lora_for_models, plus how many model and CLIP patches (LoRA layers) it added.
 
     Returns (model, clip, n_model_patched, n_clip_patched). A strength of 0 leaves that part untouched (the same
     object comes back, so its output is the base output exactly), like core LoraLoader does for both at 0.
@@ -258,8 +289,8 @@ TRAINING_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 def training_dtype(name: str, device: torch.device) -> torch.dtype:
-    """The compute dtype of a training run. "auto": fp32 on CPU (bf16 autocast there is ~9x slower, COMFYUI_HOST
-    §2), bf16 where ComfyUI's model management says the device supports it, else fp32."""
+    """The compute dtype of a training run. "auto": fp32 on CPU (bf16 autocast there is ~9x slower, measured with
+    core's trainer), bf16 where ComfyUI's model management says the device supports it, else fp32."""
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name in table:
         return table[name]

@@ -1,5 +1,5 @@
-"""LoRA state dicts for SD1.x / SD2.x / SDXL: read safely, detect the key format and the base architecture,
-convert to one canonical form, and validate it against the layers a model has.
+"""LoRA state dicts for SD1.x / SD2.x / SDXL and the flow-matching transformers SD3 / Flux: read safely, detect the
+key format and the base architecture, convert to one canonical form, and validate it against the layers a model has.
 
 Why this exists: ComfyUI 0.3.75's own key map (comfy.lora.model_lora_keys_unet) knows attention layers of a
 diffusers-named LoRA only in the old `attn1.processor.to_q_lora` spelling, so new diffusers (`to_q.lora.down`) and
@@ -26,9 +26,30 @@ its ldm name, `lora_unet_label_emb_0_0` / `lora_unet_label_emb_0_2`. diffusers' 
 `add_embedding.linear_1` into a module that does not exist; it maps `label_emb.0.0` explicitly, and ComfyUI maps
 both spellings.
 
+Flow transformers (SD3's MMDiT, Flux). ComfyUI keeps q, k and v fused in one weight (`img_attn.qkv`, Flux single
+blocks' `linear1` = [q; k; v; mlp]); diffusers and PEFT files split them (`attn.to_q`, `attn.add_k_proj`,
+`proj_mlp`). ComfyUI's key map (model_lora_keys_unet with comfy.utils.flux_to_diffusers / mmdit_to_diffusers) sends
+each split diffusers module to its slice of the fused weight, and `norm_out.linear` through a scale/shift swap, but
+only under the `transformer.` prefix (and, for SD3, `base_model.model.`). So the canonical form of a flow LoRA keeps
+every layer under a name that map resolves, one name per layer:
+
+    transformer.<diffusers module>.lora_down.weight / .lora_up.weight / .alpha   diffusers-named layers, any prefix
+                                                     (`transformer.`, `base_model.model.`, none, OneTrainer's
+                                                     `lora_transformer_` flattened names)
+    lora_unet_<ldm module, '.' -> '_'>.*             ldm-named layers: kohya (`lora_unet_double_blocks_0_img_attn_qkv`,
+                                                     `lora_unet_joint_blocks_0_x_block_attn_qkv`) and ComfyUI-native
+                                                     (`diffusion_model.single_blocks.0.linear1.lora_up.weight`)
+
+Each layer is validated against the exact target it patches: a whole weight, or the rows of a fused weight that
+its slice covers. Text-encoder layers (CLIP-L, SD3's CLIP-G) take the SD canonical form below; T5 layers are not
+handled (reported, never silently dropped).
+
 Architecture is read from shapes, never from file names: the cross-attention key/value projections (attn2.to_k,
 attn2.to_v) take the text context, 768 wide for SD1.x (CLIP-L), 1024 for SD2.x (OpenCLIP-H), 2048 for SDXL
-(CLIP-L + bigG); text-encoder layers are 768 (CLIP-L), 1024 (OpenCLIP-H) or 1280 (bigG) wide.
+(CLIP-L + bigG); text-encoder layers are 768 (CLIP-L), 1024 (OpenCLIP-H) or 1280 (bigG) wide. Flow transformers
+are told apart by their layer names (Flux: double/single stream blocks, guidance embedding; SD3: joint blocks,
+patch-embedding convolution); layers both share (`transformer_blocks.N.attn.to_q`) leave the model's names and
+shapes to decide.
 
 Pure torch + safetensors: no ComfyUI import here (tcd/backend.py supplies the model's names and shapes).
 """
@@ -49,9 +70,15 @@ FMT_NATIVE = "comfyui-native"
 FMT_DIFFUSERS_OLD = "diffusers-old"
 FMT_DIFFUSERS = "diffusers"
 FMT_PEFT = "peft"
+FMT_ONETRAINER = "onetrainer"
 
 ARCH_SD1, ARCH_SD2, ARCH_SDXL, ARCH_UNKNOWN = "SD1.x", "SD2.x", "SDXL", "unknown"
-ARCHITECTURES = (ARCH_SD1, ARCH_SD2, ARCH_SDXL)
+ARCH_SD3, ARCH_FLUX = "SD3", "Flux"
+UNET_ARCHITECTURES = (ARCH_SD1, ARCH_SD2, ARCH_SDXL)
+FLOW_ARCHITECTURES = (ARCH_SD3, ARCH_FLUX)
+ARCHITECTURES = UNET_ARCHITECTURES + FLOW_ARCHITECTURES
+# Models with two CLIP text encoders (lora_te1 = CLIP-L, lora_te2 = the wider one).
+DUAL_CLIP = (ARCH_SDXL, ARCH_SD3)
 # Width of the text context that cross-attention reads (= unet_config["context_dim"] in ComfyUI).
 CONTEXT_DIM = {768: ARCH_SD1, 1024: ARCH_SD2, 2048: ARCH_SDXL}
 # Hidden width of a text-encoder LoRA layer -> which CLIP it belongs to.
@@ -78,6 +105,17 @@ _UNET_ROOTS = ("down_blocks", "mid_block", "up_blocks", "conv_in", "conv_out", "
 _TE_ROOTS = ("text_model", "text_projection")
 # Underscored ldm (openaimodel) roots: a kohya SDXL LoRA names its UNet layers this way.
 _LDM_ROOTS = ("input_blocks_", "middle_block_", "output_blocks_", "time_embed_", "label_emb_", "out_")
+# First path segments of a diffusers SD3 / Flux transformer module.
+_DIT_ROOTS = ("transformer_blocks", "single_transformer_blocks", "x_embedder", "context_embedder", "time_text_embed",
+              "norm_out", "proj_out", "pos_embed")
+# ldm (ComfyUI / BFL / SAI) names of flow transformer layers, '.' -> '_', and what each root tells: Flux's double /
+# single stream blocks and embedders, SD3's joint blocks and embedders. `final_layer_` exists in both.
+_FLUX_LDM_ROOTS = ("double_blocks_", "single_blocks_", "img_in", "txt_in", "time_in_", "vector_in_", "guidance_in_")
+_SD3_LDM_ROOTS = ("joint_blocks_", "x_embedder_", "t_embedder_", "y_embedder_", "context_embedder")
+_DIT_LDM_ROOTS = _FLUX_LDM_ROOTS + _SD3_LDM_ROOTS + ("final_layer_",)
+# diffusers module names only one of the two has.
+_FLUX_DIFFUSERS_ROOTS = ("single_transformer_blocks", "time_text_embed.guidance_embedder", "x_embedder")
+_SD3_DIFFUSERS_ROOTS = ("pos_embed",)
 
 # Dotted formats: key suffix -> (part, format). Longest first so `.lora_B.default.weight` wins over shorter ones.
 _DOTTED_SUFFIXES = (
@@ -94,6 +132,8 @@ _DOTTED_SUFFIXES = (
     (".alpha", ALPHA, None),
 )
 _KOHYA_KEY = re.compile(r"^lora_(unet|te1|te2|te)_(.+)\.(lora_up\.weight|lora_down\.weight|alpha)$")
+# OneTrainer's SD3 / Flux LoRAs: diffusers transformer names, flattened ('.' -> '_').
+_ONETRAINER_KEY = re.compile(r"^lora_transformer_(.+)\.(lora_up\.weight|lora_down\.weight|alpha)$")
 _NATIVE_KEY = re.compile(r"^diffusion_model\.(.+)\.(lora_up\.weight|lora_down\.weight|alpha)$")
 _KOHYA_PART = {"lora_up.weight": UP, "lora_down.weight": DOWN, "alpha": ALPHA}
 # Weights of other adapter kinds: named in the error so the user knows why they are not applied.
@@ -226,8 +266,10 @@ def _component_of_dotted(path: str):
     for p, comp in (("unet.", UNET), ("text_encoder_2.", TE2), ("text_encoder.", TE)):
         if path.startswith(p):
             return comp, path[len(p):], prefix + p
+    if path.startswith("transformer."):
+        return UNET, path[len("transformer."):], prefix + "transformer."
     root = path.split(".", 1)[0]
-    if root in _UNET_ROOTS:
+    if root in _UNET_ROOTS or root in _DIT_ROOTS:
         return UNET, path, prefix
     if root in _TE_ROOTS:
         return TE, path, prefix
@@ -286,6 +328,14 @@ def parse_lora(state_dict: dict) -> ParsedLora:
         if m:
             add(FMT_NATIVE, UNET, "ldm", m.group(1), _KOHYA_PART[m.group(2)], key)
             continue
+        if key.startswith("lora_te3_"):
+            parsed.unrecognised[key] = ("a T5-XXL text-encoder layer (lora_te3_): this loader applies transformer, "
+                                        "UNet and CLIP layers only")
+            continue
+        m = _ONETRAINER_KEY.match(key)
+        if m:
+            add(FMT_ONETRAINER, UNET, "flat-diffusers", m.group(1), _KOHYA_PART[m.group(2)], key)
+            continue
         other = _other_adapter(key)
         if other:
             parsed.unrecognised[key] = f"{other} {OTHER_ADAPTER_REASON}"
@@ -294,7 +344,7 @@ def parse_lora(state_dict: dict) -> ParsedLora:
             if key.endswith(suffix):
                 where = _component_of_dotted(key[:-len(suffix)])
                 if where is None:
-                    parsed.unrecognised[key] = "unknown module prefix (expected unet., text_encoder., " \
+                    parsed.unrecognised[key] = "unknown module prefix (expected unet., transformer., text_encoder., " \
                                                "text_encoder_2., base_model.model. or a diffusers module path)"
                     break
                 comp, module, prefix = where
@@ -348,25 +398,60 @@ def _in_features(t: torch.Tensor) -> int:
     return int(t.shape[1]) if t.ndim >= 2 else -1
 
 
+def _dit_vote(naming: str, module: str):
+    """ARCH_FLUX / ARCH_SD3 when a diffusion-model layer name belongs to one flow transformer only, "dit" when it
+    is a transformer layer both share, None for UNet names."""
+    flat = module.replace(".", "_")
+    if naming in ("diffusers", "flat-diffusers"):
+        dotted = module if naming == "diffusers" else None
+        if dotted is not None and dotted.split(".", 1)[0] not in _DIT_ROOTS:
+            return None
+        if flat.startswith(tuple(r.replace(".", "_") for r in _FLUX_DIFFUSERS_ROOTS)):
+            return ARCH_FLUX
+        if flat.startswith(tuple(r.replace(".", "_") for r in _SD3_DIFFUSERS_ROOTS)):
+            return ARCH_SD3
+        return "dit" if dotted is not None or flat.startswith(tuple(_DIT_ROOTS)) else None
+    if flat.startswith(_FLUX_LDM_ROOTS):
+        return ARCH_FLUX
+    if flat.startswith(_SD3_LDM_ROOTS):
+        return ARCH_SD3
+    return "dit" if flat.startswith(_DIT_LDM_ROOTS) else None
+
+
 def detect_architecture(parsed: ParsedLora) -> Architecture:
-    """SD1.x / SD2.x / SDXL from shapes (cross-attention context width, text-encoder width) and SDXL-only names."""
+    """SD1.x / SD2.x / SDXL from shapes (cross-attention context width, text-encoder width) and SDXL-only names;
+    SD3 / Flux from transformer layer names."""
     votes: dict[str, list[str]] = {}
     contexts, widths = set(), set()
+    shared_dit = False
     for (comp, naming, module), parts in parsed.layers.items():
         down = parts.get(DOWN)
         if down is None:
             continue
         flat = module.replace(".", "_")
         if comp == UNET:
+            dit = _dit_vote(naming, module)
+            if dit == "dit":
+                shared_dit = True
+                continue
+            if dit is not None:
+                votes.setdefault(dit, []).append({ARCH_FLUX: "Flux transformer layers (double/single stream blocks, "
+                                                              "guidance embedding)",
+                                                  ARCH_SD3: "SD3 transformer layers (joint blocks, patch "
+                                                            "embedding)"}[dit])
+                continue
             if flat.endswith(("attn2_to_k", "attn2_to_v")):
                 contexts.add(_in_features(down))
             if flat.startswith(("add_embedding", "label_emb")):
                 votes.setdefault(ARCH_SDXL, []).append("added-conditioning embedding layers (SDXL only)")
         else:
             if comp == TE2:
-                votes.setdefault(ARCH_SDXL, []).append("a second text encoder (lora_te2 / text_encoder_2)")
+                votes.setdefault("dual-clip", []).append("a second text encoder (lora_te2 / text_encoder_2)")
             if flat.endswith(("q_proj", "k_proj", "v_proj", "fc1")):
                 widths.add(_in_features(down))
+    dual_clip = votes.pop("dual-clip", None)
+    if dual_clip and not (set(votes) & set(FLOW_ARCHITECTURES)):
+        votes.setdefault(ARCH_SDXL, []).extend(dual_clip)
     for c in sorted(contexts):
         arch = CONTEXT_DIM.get(c)
         if arch is None:
@@ -377,10 +462,16 @@ def detect_architecture(parsed: ParsedLora) -> Architecture:
         if w == 1024:
             votes.setdefault(ARCH_SD2, []).append("text encoder width 1024 (OpenCLIP-H)")
         elif w == 1280:
-            votes.setdefault(ARCH_SDXL, []).append("text encoder width 1280 (CLIP-bigG)")
+            if not (set(votes) & set(FLOW_ARCHITECTURES)):
+                votes.setdefault(ARCH_SDXL, []).append("text encoder width 1280 (CLIP-bigG)")
         elif w not in TEXT_WIDTH:
             return Architecture(ARCH_UNKNOWN, f"text encoder width {w} is not CLIP-L/OpenCLIP-H/bigG")
+    if shared_dit and (set(votes) & set(UNET_ARCHITECTURES)):
+        votes.setdefault("SD3 or Flux", []).append("flow transformer layers (transformer_blocks)")
     if not votes:
+        if shared_dit:
+            return Architecture(ARCH_UNKNOWN, "flow transformer layers that SD3 and Flux share (transformer_blocks); "
+                                              "the model's layer names and shapes decide")
         if 768 in widths:
             return Architecture(ARCH_UNKNOWN, "only CLIP-L text-encoder layers (SD1.x or SDXL) and no "
                                               "cross-attention layers")
@@ -395,12 +486,13 @@ def detect_architecture(parsed: ParsedLora) -> Architecture:
 def check_architecture(lora_arch: Architecture, model_arch: str, lora_name: str = "this LoRA") -> None:
     """ValueError when the LoRA was made for another base model than the one it is applied to."""
     if model_arch not in ARCHITECTURES:
-        raise _fail(f"the model is {model_arch}", "The TCD LoRA loader handles SD1.x, SD2.x and SDXL UNet models",
+        raise _fail(f"the model is {model_arch}", "The TCD LoRA loader handles SD1.x, SD2.x and SDXL UNet models "
+                    "and the SD3 / Flux flow transformers",
                     "Use ComfyUI's core LoraLoader for other model families")
     if lora_arch.name == ARCH_UNKNOWN:
         if lora_arch.evidence.startswith(("conflicting", "cross-attention context width", "text encoder width")):
             raise _fail(f"cannot tell which base model {lora_name} is for: {lora_arch.evidence}",
-                        "A LoRA for SD1.x, SD2.x or SDXL", "Check that the file is a LoRA for this model")
+                        "A LoRA for SD1.x, SD2.x, SDXL, SD3 or Flux", "Check that the file is a LoRA for this model")
         return  # no width evidence: name and shape checks against the model still decide
     if lora_arch.name != model_arch:
         raise _fail(f"{lora_name} is for {lora_arch.name} ({lora_arch.evidence}) but the model is {model_arch}",
@@ -420,8 +512,8 @@ def canonical_te_base(component: str, hf_module: str) -> str:
 
 
 def _te_component(component: str, down: torch.Tensor | None, architecture: str) -> str:
-    """lora_te (SD1.x/SD2.x) or lora_te1 / lora_te2 (SDXL: CLIP-L / bigG, told apart by width when unprefixed)."""
-    if architecture != ARCH_SDXL:
+    """lora_te (one CLIP) or lora_te1 / lora_te2 (SDXL, SD3: CLIP-L / bigG, told apart by width when unprefixed)."""
+    if architecture not in DUAL_CLIP:
         return TE if component in (TE, TE1) else component
     if component == TE:
         return TE2 if down is not None and _in_features(down) == 1280 else TE1
@@ -435,14 +527,35 @@ class Conversion:
     unconverted: dict           # original key -> reason
 
 
-def to_canonical(parsed: ParsedLora, architecture: str, ldm_to_diffusers: dict | None = None) -> Conversion:
+def canonical_dit_base(component_naming: str, module: str, dit_flat: dict) -> tuple[str | None, str | None]:
+    """(canonical base, None) of a flow-transformer layer (see the module docstring), or (None, reason).
+
+    dit_flat: flattened diffusers module name -> dotted name, for the model's transformer (OneTrainer's names and
+    kohya files written with diffusers names are flattened, and '_' is ambiguous inside module names)."""
+    if component_naming == "diffusers":
+        return "transformer." + module, None
+    if component_naming == "ldm":
+        return "lora_unet_" + module.replace(".", "_"), None
+    if component_naming == "flat-diffusers" or not module.startswith(_DIT_LDM_ROOTS):
+        dotted = dit_flat.get(module)
+        if dotted is None:
+            return None, f"the model has no transformer module named {module!r}"
+        return "transformer." + dotted, None
+    return "lora_unet_" + module, None
+
+
+def to_canonical(parsed: ParsedLora, architecture: str, ldm_to_diffusers: dict | None = None,
+                 dit_modules=None) -> Conversion:
     """Rewrite parsed layers to the canonical form.
 
     A missing alpha becomes alpha = rank (scale 1.0: how diffusers and ComfyUI apply a LoRA without alpha).
     ldm names (ComfyUI-native `diffusion_model.*`, kohya SDXL `lora_unet_input_blocks_*`) need the model's
-    ldm -> diffusers module table (tcd.backend.unet_ldm_to_diffusers).
+    ldm -> diffusers module table (tcd.backend.unet_ldm_to_diffusers). For SD3 / Flux, dit_modules lists the
+    model's diffusers transformer module names (to read flattened ones back).
     """
     ldm_flat = {k.replace(".", "_"): v for k, v in (ldm_to_diffusers or {}).items()}
+    dit_flat = {m.replace(".", "_"): m for m in (dit_modules or ())}
+    flow = architecture in FLOW_ARCHITECTURES
     out, sources, unconverted = {}, {}, dict(parsed.unrecognised)
     for layer, parts in parsed.layers.items():
         component, naming, module = layer
@@ -452,7 +565,15 @@ def to_canonical(parsed: ParsedLora, architecture: str, ldm_to_diffusers: dict |
             unconverted[src] = f"layer {module!r} has no {missing} weight"
             continue
         up, down = parts[UP], parts[DOWN]
-        if component == UNET:
+        if component == UNET and flow:
+            base, why = canonical_dit_base(naming, module, dit_flat)
+            if base is None:
+                unconverted[src] = why
+                continue
+        elif component == UNET and naming == "flat-diffusers":
+            unconverted[src] = f"OneTrainer transformer layer {module!r}: the model is {architecture}, not SD3 / Flux"
+            continue
+        elif component == UNET:
             if naming == "diffusers":
                 base = canonical_unet_base(module)
             elif naming == "ldm" or module.startswith(_LDM_ROOTS):
@@ -599,52 +720,10 @@ def not_a_lora_message(lora_name: str, state_dict: dict, parsed: ParsedLora | No
             f"diffusion_model.*.lora_up. Choose a LoRA file")
 
 
-# ------------------------------------------------------------------------------------------------ family presets
-@dataclass
-class Family:
-    name: str
-    evidence: str
-    recommendation: str
-
-
-TCD_FAMILY = "TCD LoRA"
-HYPER_SD_1STEP = "Hyper-SD 1-step unified"
-UNKNOWN_FAMILY = "unknown"
-# The pack's trainer writes this metadata key, so its LoRAs are recognised without guessing from names.
+# ------------------------------------------------------------------------------------------------ family
+# The pack's trainers write this metadata key (TCD_FAMILY or "LCM LoRA"); tcd.presets reads it back.
 METADATA_FAMILY_KEY = "tcd.family"
-RECOMMENDATIONS = {
-    # TCD paper / h1t model cards: 4-8 steps, eta (gamma) 0.3, guidance_scale 0 (= ComfyUI cfg 1.0).
-    TCD_FAMILY: "steps 4-8, gamma 0.3, cfg 1.0 (sampler tcd or TCD Sampler + TCD Scheduler)",
-    # Hyper-SD model card: TCDScheduler, eta 1.0 for 1 step, smaller eta for more steps; guidance_scale 0.
-    HYPER_SD_1STEP: "steps 1-8, gamma 1.0 at 1 step and lower for more steps (e.g. 0.5 at 4, 0.3 at 8), cfg 1.0 "
-                    "(TCD Sampler + TCD Scheduler)",
-    UNKNOWN_FAMILY: "no preset: family not recognised. For a TCD LoRA use steps 4-8, gamma 0.3, cfg 1.0",
-}
-
-
-def _mentions(text: str, word: str) -> bool:
-    return re.search(rf"(^|[^a-z0-9]){word}([^a-z]|$)", text) is not None
-
-
-def detect_family(metadata: dict | None, filename: str) -> Family:
-    """TCD / Hyper-SD 1-step unified / unknown, from the pack's own metadata key, then other metadata text, then
-    the file name. Shapes cannot tell a TCD LoRA from any other LoRA, so no evidence means "unknown"."""
-    metadata = metadata or {}
-    declared = str(metadata.get(METADATA_FAMILY_KEY, "")).strip()
-    for fam in (TCD_FAMILY, HYPER_SD_1STEP):
-        if declared.lower() == fam.lower():
-            return Family(fam, f"metadata {METADATA_FAMILY_KEY}={declared!r}", RECOMMENDATIONS[fam])
-    sources = [(f"metadata {k}", str(metadata[k])) for k in ("ss_output_name", "modelspec.title",
-                                                            "modelspec.description", "ss_training_comment")
-               if k in metadata]
-    sources.append(("file name", Path(filename).name))
-    for where, text in sources:
-        low = text.lower()
-        if "hyper" in low and re.search(r"((^|[^0-9])1[-_ ]?steps?([^a-z]|$)|unified)", low):
-            return Family(HYPER_SD_1STEP, f"{where} {text[:60]!r}", RECOMMENDATIONS[HYPER_SD_1STEP])
-        if _mentions(low, "tcd"):
-            return Family(TCD_FAMILY, f"{where} {text[:60]!r}", RECOMMENDATIONS[TCD_FAMILY])
-    return Family(UNKNOWN_FAMILY, "no family named in metadata or file name", RECOMMENDATIONS[UNKNOWN_FAMILY])
+TCD_FAMILY = "TCD LoRA"
 
 
 # ------------------------------------------------------------------------------------------------ the whole plan
@@ -657,10 +736,10 @@ class LoraPlan:
     format: str
     lora_arch: Architecture
     model_arch: str
-    family: Family
+    family: object              # tcd.presets.Detection: the few-step family the file names, if any
     state_dict: dict            # canonical, only the matched layers (what goes to ComfyUI)
     validation: Validation
-    unet_layers: int            # matched UNet layers
+    unet_layers: int            # matched diffusion-model layers (UNet or flow transformer)
     te_layers: int              # matched text-encoder layers
     te_skipped: int             # text-encoder layers in the file, not applied because no CLIP is connected
     alpha_source: str
@@ -678,7 +757,8 @@ def plan_lora(state_dict: dict, metadata: dict, name: str, model_arch: str, ldm_
     apply_peft_metadata_alphas(parsed, metadata)
     lora_arch = detect_architecture(parsed)
     check_architecture(lora_arch, model_arch, repr(name))
-    conversion = to_canonical(parsed, model_arch, ldm_to_diffusers)
+    dit_modules = [k[len("transformer."):] for k in target_shapes if k.startswith("transformer.")]
+    conversion = to_canonical(parsed, model_arch, ldm_to_diffusers, dit_modules)
     te_skipped = 0
     if not has_clip:  # text-encoder layers cannot be matched without a CLIP; they are reported, not errors
         te_bases = [b for b in conversion.layer_sources if b.startswith("lora_te")]
@@ -694,33 +774,10 @@ def plan_lora(state_dict: dict, metadata: dict, name: str, model_arch: str, ldm_
     for base in validation.matched:
         for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
             keep[base + suffix] = conversion.state_dict[base + suffix]
+    from .presets import detect_family   # tcd.presets reads this module's architecture names
     return LoraPlan(name=name, format=parsed.format, lora_arch=lora_arch, model_arch=model_arch,
-                    family=detect_family(metadata, name), state_dict=keep, validation=validation,
-                    unet_layers=len(validation.of("lora_unet_")), te_layers=len(validation.of("lora_te")),
+                    family=detect_family(metadata, name, model_arch), state_dict=keep, validation=validation,
+                    unet_layers=len(validation.of("lora_unet_")) + len(validation.of("transformer.")),
+                    te_layers=len(validation.of("lora_te")),
                     te_skipped=te_skipped, alpha_source=parsed.alpha_source if any(
                         p.get(ALPHA) is not None for p in parsed.layers.values()) else "none (scale 1.0)")
-
-
-def info_text(plan: LoraPlan, patched_unet: int, patched_te: int, strength_model: float,
-              strength_clip: float) -> str:
-    """The loader's info output: what was found, what was applied, and the family's preset."""
-    v = plan.validation
-    lines = [
-        f"LoRA: {plan.name}",
-        f"format: {plan.format}; alpha: {plan.alpha_source}",
-        f"architecture: {plan.lora_arch.name} ({plan.lora_arch.evidence}); model: {plan.model_arch}",
-        f"UNet layers patched: {patched_unet}/{plan.unet_layers}" + (
-            " (strength_model 0: model unchanged)" if strength_model == 0 else f" at strength {strength_model:g}"),
-    ]
-    if plan.te_layers:
-        lines.append(f"text encoder layers patched: {patched_te}/{plan.te_layers}" + (
-            " (strength_clip 0: CLIP unchanged)" if strength_clip == 0 else f" at strength {strength_clip:g}"))
-    if plan.te_skipped:
-        lines.append(f"text encoder layers not applied: {plan.te_skipped} (no CLIP connected)")
-    lines.append(f"layers matched: {len(v.matched)}/{v.total}")
-    if v.unmatched:
-        lines.append(f"NOT applied ({len(v.unmatched)}): " + _short_list(
-            f"{k} ({why})" for k, why in v.unmatched.items()))
-    lines.append(f"family: {plan.family.name} ({plan.family.evidence})")
-    lines.append(f"recommended: {plan.family.recommendation}")
-    return "\n".join(lines)

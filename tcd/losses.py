@@ -8,18 +8,30 @@ timesteps t of shape [B]:
     target(x_t, t, cond)    theta^- (EMA of the LoRA, or the online LoRA); called under no_grad
     teacher(x_t, t, cond)   the frozen base model; called under no_grad
 
-One training iteration (TCD_SPEC §3-4; diffusers' `train_lcm_distill_lora_*.py` with the TCD changes):
+One training iteration (TCD paper §3; diffusers'
+`train_lcm_distill_lora_*.py` with the TCD changes):
 
     1. n on the skipping grid: t_{n+k} = k (j + 1) - 1, j ~ U{0..N-1}; t_n = max(t_{n+k} - k, 0)   (k = T // N)
-    2. TCD: target time s = max(k m - 1, 0), m ~ U{0..j}, so s <= t_n on the same grid;  LCM: s = 0
+    2. TCD: target time s ~ rho * delta_0 + (1 - rho) * U{0, k-1, 2k-1, ..., t_n} (the grid points <= t_n);
+       rho = 0 is the paper (s = max(k m - 1, 0), m ~ U{0..j});  LCM: s = 0
     3. x_{t_{n+k}} = alpha x0 + sigma z                                                   (forward noising)
     4. teacher: one DDIM step t_{n+k} -> t_n with CFG x0 = x0_c + w (x0_c - x0_u) (and eps alike), w ~ U[w_min, w_max]
     5. target = f_{theta^-}(x_hat_{t_n}, t_n, s)  under no_grad
     6. pred   = f_theta(x_{t_{n+k}}, t_{n+k}, s)
-    7. loss   = mean d(pred, target), d = L2 or pseudo-Huber sqrt((a - b)^2 + c^2) - c (elementwise, as diffusers)
+    7. loss   = mean d(pred, target), d one of DISTANCES:
+         "huber"         elementwise pseudo-Huber sqrt((a - b)^2 + c^2) - c, c = 0.001 (diffusers' LCM scripts)
+         "l2"            elementwise squared error (the LCM paper's L2)
+         "huber_sample"  per-sample pseudo-Huber sqrt(||a - b||^2 + c^2) - c, c = 0.00054 sqrt(d), d = elements per
+                         sample (Song & Dhariwal 2023, "Improved techniques for training consistency models", §3.3)
 
 All randomness comes from `generator` (a CPU torch.Generator; draws are moved to x0's device), so a trainer that
-checkpoints the generator state resumes the exact same sequence of draws.
+checkpoints the generator state resumes the exact same sequence of draws. `generator` may also be a list with one
+generator per sample: each sample then takes its draws from its own stream, so a global batch split over any number
+of processes or accumulation steps draws exactly the same values.
+
+Recipes (`RECIPES`): "paper" is the TCD paper's objective (rho = 0, elementwise pseudo-Huber); "recommended" is the
+setting the toy benchmark (benchmarks/paper_toy, docs/recipe.md) measured best against LCM over 2-16 steps: rho 0.5
+had the best mean rank; it beats LCM from 8 steps and still loses at 2 (docs/recipe.md has the intervals).
 """
 from __future__ import annotations
 
@@ -30,7 +42,16 @@ import torch
 from .tcf import (PREDICTION_TYPES, TCF_ORDERS, trajectory_consistency_function, vp_alpha_sigma,
                   x0_eps_from_output, x0_fn_from_model)
 
-LOSS_TYPES = ("huber", "l2")
+DISTANCES = ("huber", "l2", "huber_sample")
+LOSS_TYPES = DISTANCES                     # the name the node and the CLI use for the distance
+ICT_HUBER_C_PER_SQRT_DIM = 0.00054         # iCT: c = 0.00054 sqrt(d)
+RECIPES = {
+    # Zheng et al. 2024 as far as published: s uniform on the grid below t_n, diffusers' pseudo-Huber (c = 0.001).
+    "paper": dict(rho=0.0, loss="huber", tcf_order=1),
+    # Chosen by measurement on the selection draw (docs/recipe.md, benchmarks/results/paper_toy/summary.md): mean
+    # rank over datasets x NFE 2-16 of rho 0.5: 11, rho 0.25 and 0.75: 13, rho 0: 15, second-order TCF: 28.
+    "recommended": dict(rho=0.5, loss="huber", tcf_order=1),
+}
 Model = Callable[[torch.Tensor, torch.Tensor, object], torch.Tensor]
 
 
@@ -45,8 +66,9 @@ def _check_common(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, p
     if not 0.0 <= w_min <= w_max:
         raise ValueError(f"guidance range w_min={w_min}, w_max={w_max} must satisfy 0 <= w_min <= w_max "
                          f"(the paper's LCM/TCD scripts use [3, 15]; 0 disables classifier-free guidance)")
-    if loss not in LOSS_TYPES:
-        raise ValueError(f"loss={loss!r} is not one of {LOSS_TYPES}")
+    if loss not in DISTANCES:
+        raise ValueError(f"loss={loss!r} is not one of {DISTANCES} (elementwise pseudo-Huber, squared error, "
+                         f"per-sample pseudo-Huber of iCT)")
     if loss == "huber" and not huber_c > 0:
         raise ValueError(f"huber_c={huber_c} must be > 0 (diffusers' default 0.001)")
     if prediction_type not in PREDICTION_TYPES:
@@ -55,15 +77,34 @@ def _check_common(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, p
 
 
 def distance(pred: torch.Tensor, target: torch.Tensor, loss: str = "huber", huber_c: float = 0.001) -> torch.Tensor:
-    """Mean elementwise L2 or pseudo-Huber distance (diffusers' LCM scripts: mean(sqrt((a-b)^2 + c^2) - c))."""
+    """Batch mean of d(pred, target) for d in DISTANCES (module docstring, step 7).
+
+    "huber" / "l2" average over every element (diffusers' LCM scripts); "huber_sample" takes the pseudo-Huber of each
+    sample's whole difference vector with iCT's c = 0.00054 sqrt(d) (huber_c is not used) and averages over samples.
+    """
     diff = pred.float() - target.float()
     if loss == "l2":
         return diff.pow(2).mean()
+    if loss == "huber_sample":
+        per_sample = diff.reshape(diff.shape[0], -1)
+        c = ICT_HUBER_C_PER_SQRT_DIM * per_sample.shape[1] ** 0.5
+        return (torch.sqrt(per_sample.pow(2).sum(dim=1) + c * c) - c).mean()
+    if loss != "huber":
+        raise ValueError(f"loss={loss!r} is not one of {DISTANCES}")
     return (torch.sqrt(diff.pow(2) + huber_c ** 2) - huber_c).mean()
+
+
+def _check_rho(rho) -> float:
+    if not isinstance(rho, (int, float)) or not 0.0 <= float(rho) <= 1.0:
+        raise ValueError(f"rho={rho!r} must be in [0, 1]: the probability that the target time s is 0 (0 = the TCD "
+                         f"paper's uniform s on the grid below t_n; 1 = always s = 0, LCM's jump)")
+    return float(rho)
 
 
 class _ConsistencyDistillation:
     """Shared parts: the skipping grid, forward noising, and the teacher's guided DDIM step."""
+
+    rho = 0.0   # LCM's draws include the s = 0 coin too (unused), so both objectives consume the same values
 
     def __init__(self, alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, prediction_type):
         self.alphas_cumprod = _check_common(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c,
@@ -105,13 +146,29 @@ class _ConsistencyDistillation:
         return alpha_n * x0 + sigma_n * eps
 
     def draw(self, x0: torch.Tensor, generator):
-        """Timesteps, noise, guidance scales of one iteration, drawn in a fixed order from the CPU generator."""
-        batch = x0.shape[0]
+        """Timesteps, target-time indices, noise and guidance scales of one iteration, drawn in a fixed order.
+
+        `generator`: one CPU generator for the batch, or a list with one generator per sample (each sample then
+        draws from its own stream, independently of how a global batch is split over processes).
+        Returns (index, end_index, noise, w); end_index is 0 (s = 0) with probability rho.
+        """
+        if isinstance(generator, (list, tuple)):
+            if len(generator) != x0.shape[0]:
+                raise ValueError(f"{len(generator)} generators for a batch of {x0.shape[0]}: give one per sample, or "
+                                 f"a single torch.Generator")
+            parts = [self._draw_batch(x0.shape[1:], 1, g) for g in generator]
+            return tuple(torch.cat(p) for p in zip(*parts))
+        return self._draw_batch(x0.shape[1:], x0.shape[0], generator)
+
+    def _draw_batch(self, sample_shape, batch: int, generator):
         index = self.sample_grid_index(batch, generator)
         end_index = (torch.rand((batch,), generator=generator, dtype=torch.float64) * (index + 1)).long()
-        noise = torch.randn(x0.shape, generator=generator, dtype=torch.float32)
+        noise = torch.randn((batch, *sample_shape), generator=generator, dtype=torch.float32)
         w = self.guidance_scale(batch, generator)
-        return index, end_index, noise, w
+        # The s = 0 coin is drawn for every objective, so TCD at any rho and LCM consume the generator identically
+        # (paired comparisons see the same t, noise and w).
+        at_zero = torch.rand((batch,), generator=generator, dtype=torch.float64) < self.rho
+        return index, torch.where(at_zero, torch.zeros_like(end_index), end_index), noise, w
 
     def noised(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         alpha, sigma = vp_alpha_sigma(self.alphas_cumprod, t, x0.ndim)
@@ -132,11 +189,17 @@ class _ConsistencyDistillation:
 
 
 class TCDLoss(_ConsistencyDistillation):
-    """Trajectory consistency distillation: student and target TCFs meet at a random s <= t_n (TCD_SPEC §3-4)."""
+    """Trajectory consistency distillation (TCD paper §3): student and target TCFs meet at a random s <= t_n.
+
+    rho: probability that s = 0 (the rest uniform on the grid points <= t_n). The student never sees s, so its one
+    x0 prediction serves every s: rho > 0 weights the long jumps that few-step sampling makes (docs/recipe.md).
+    """
 
     def __init__(self, alphas_cumprod, original_steps: int = 50, w_min: float = 3.0, w_max: float = 15.0,
-                 loss: str = "huber", huber_c: float = 0.001, tcf_order: int = 1, prediction_type: str = "epsilon"):
+                 loss: str = "huber", huber_c: float = 0.001, tcf_order: int = 1, prediction_type: str = "epsilon",
+                 rho: float = 0.0):
         super().__init__(alphas_cumprod, original_steps, w_min, w_max, loss, huber_c, prediction_type)
+        self.rho = _check_rho(rho)
         if tcf_order not in TCF_ORDERS:
             raise ValueError(f"tcf_order={tcf_order!r} is not one of {TCF_ORDERS} (1 = DDIM form, "
                              f"2 = DPM-Solver++(2S) midpoint)")
@@ -158,8 +221,9 @@ class TCDLoss(_ConsistencyDistillation):
         pred = trajectory_consistency_function(student_fn, x_start, t_start, s, abar, self.tcf_order)
         # 7. distance
         value = distance(pred, tgt, self.loss, self.huber_c)
-        self.last_stats = {"t": t_start.tolist(), "t_n": t_end.tolist(), "s": s.tolist(), "w": w.tolist(),
-                           "loss": float(value.detach())}
+        # Tensors, not lists: reading them (a device sync) is left to whoever looks.
+        self.last_stats = {"t": t_start.detach(), "t_n": t_end.detach(), "s": s.detach(), "w": w,
+                           "loss": value.detach()}
         return value
 
 
@@ -197,8 +261,8 @@ class LCMLoss(_ConsistencyDistillation):
             tgt = self.consistency_function(target, x_prev, t_end, cond)
         pred = self.consistency_function(student, x_start, t_start, cond)
         value = distance(pred, tgt, self.loss, self.huber_c)
-        self.last_stats = {"t": t_start.tolist(), "t_n": t_end.tolist(), "s": [0] * x0.shape[0], "w": w.tolist(),
-                           "loss": float(value.detach())}
+        self.last_stats = {"t": t_start.detach(), "t_n": t_end.detach(), "s": torch.zeros_like(t_start), "w": w,
+                           "loss": value.detach()}
         return value
 
 

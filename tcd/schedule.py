@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 DENOISE_MODES = ("comfyui", "diffusers_strength", "diffusers_pipeline")
+MIDPOINT_RATIO = 0.5    # r of DPM-Solver++(2S): u halfway between t and s in lambda
 
 
 def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
@@ -35,7 +36,7 @@ def origin_grid(original_steps: int = 50, strength: float = 1.0, num_train_times
 
     diffusers: k = T // original_steps, origin = [1 .. int(original_steps * strength)] * k - 1, i.e. {19, 39, ..., 999}
     for the default 50 steps. original_steps = T gives every timestep [0 .. int(T * strength) - 1], which is also what
-    diffusers does whenever `original_inference_steps` is passed explicitly (TCD_SPEC §1.2 quirk: 999/749/499/249).
+    diffusers does whenever `original_inference_steps` is passed explicitly (a diffusers quirk: 999/749/499/249).
     """
     if not 1 <= original_steps <= num_train_timesteps:
         raise ValueError(f"original_steps={original_steps} is outside 1..{num_train_timesteps}; "
@@ -68,7 +69,8 @@ def tcd_timesteps(steps: int, original_steps: int = 50, strength: float = 1.0,
 
 def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyui", original_steps: int = 50,
                            num_train_timesteps: int = 1000) -> list[int]:
-    """TCD timesteps for partial denoising (img2img / inpaint), in one of three semantics (TCD_SPEC §2.2):
+    """TCD timesteps for partial denoising (img2img / inpaint), in one of three semantics (the README's
+    "denoise" paragraph):
 
     * ``comfyui``: KSampler's rule, a schedule of int(steps / denoise) steps of which the last `steps` run.
     * ``diffusers_strength``: `TCDScheduler.set_timesteps(steps, strength=denoise)`; the grid itself is cut
@@ -98,7 +100,7 @@ def tcd_timesteps_denoised(steps: int, denoise: float = 1.0, mode: str = "comfyu
 
 
 def sigmas_at_timesteps(table: torch.Tensor, timesteps: Sequence[int]) -> torch.Tensor:
-    """SIGMAS for a sampler: entries `timesteps` of a model's ascending sigma table, then a final 0 (TCD_SPEC §2.2).
+    """SIGMAS for a sampler: entries `timesteps` of a model's ascending sigma table, then a final 0.
 
     Using the model's own table (not interpolation) lets ComfyUI's `timestep(sigma)` recover each integer t exactly.
     """
@@ -134,7 +136,7 @@ class DiscreteSchedule:
         return self.sigmas.numel()
 
     def timestep(self, sigma: float) -> int:
-        """Nearest integer timestep of `sigma` (0 for sigma == 0, where log would be -inf: TCD_SPEC §6.5)."""
+        """Nearest integer timestep of `sigma` (0 for sigma == 0, where log would be -inf)."""
         if sigma <= 0:
             return 0
         return int(torch.argmin((math.log(sigma) - self.log_sigmas).abs()))
@@ -145,7 +147,7 @@ class DiscreteSchedule:
     def sigmas_for(self, timesteps: Sequence[int]) -> torch.Tensor:
         return sigmas_at_timesteps(self.sigmas, timesteps)
 
-    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space (TCD_SPEC §2.5): VE for discrete VP models.
+    # x = a(sigma) * x0 + b(sigma) * eps in the sampler's space: VE for discrete VP models (docs/flow_models.md).
     @staticmethod
     def a(sigma: float) -> float:
         return 1.0
@@ -158,20 +160,43 @@ class DiscreteSchedule:
         """sigma of the SSS target time s = floor((1 - gamma) * t_next) (paper's Algorithm 4, diffusers' step).
 
         The product is taken on an int64 tensor times a Python float, i.e. in float32, exactly like diffusers
-        (`torch.floor((1 - eta) * prev_timestep).long()`): float64 disagrees for some (t, gamma) pairs (§6.3).
+        (`torch.floor((1 - eta) * prev_timestep).long()`): float64 disagrees for some (t, gamma) pairs, e.g. (500, 0.07).
         The result never exceeds sigma_next, so snapped off-grid sigmas (karras, sgm_uniform) never add noise
-        "backwards" (§6.11).
+        "backwards".
         """
         t_next = torch.tensor(self.timestep(sigma_next), dtype=torch.int64)
         t_s = int(torch.floor((1 - gamma) * t_next).long())
         return min(self.sigma_at(t_s), sigma_next) if sigma_next > 0 else self.sigma_at(t_s)
 
+    def sigma_mid(self, sigma_t: float, sigma_s: float, r: float = MIDPOINT_RATIO) -> float:
+        """sigma of the second-order TCF's intermediate point u, lambda_u = lambda_t + r (lambda_s - lambda_t),
+        snapped to the table (a discrete model only saw its table's noise levels in training).
+
+        Here a = 1 and b = sigma, so lambda = log(a / b) = -log(sigma) and "nearest in lambda" is ComfyUI's own
+        nearest-log-sigma rule. u is the entry nearest to lambda_u among those in [sigma_s, sigma_t): strictly below
+        t (u = t would make r = 0), and for r = 1/2 strictly above s whenever an entry lies between s and t (one is
+        always nearer to the midpoint than s). With none between them (adjacent timesteps) u = s, i.e. r = 1: the
+        exponential-Heun form of DPM-Solver-2, still second order. On grid points this is exactly
+        `tcd.tcf.midpoint_timesteps`, the midpoint the trainer's second-order TCF uses. An empty jump
+        (sigma_s >= sigma_t) gives sigma_t.
+        """
+        _check_midpoint_args(sigma_t, sigma_s, r)
+        if sigma_s >= sigma_t:
+            return float(sigma_t)
+        log_u = (1.0 - r) * math.log(sigma_t) + r * math.log(sigma_s)
+        candidates = self.sigmas[(self.sigmas >= sigma_s) & (self.sigmas < sigma_t)]
+        if candidates.numel() == 0:
+            return float(sigma_s)
+        return float(candidates[torch.argmin((candidates.double().log() - log_u).abs())])
+
 
 class FlowSchedule:
     """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
 
-    No discrete TCD reference exists for flow models; the target time is taken in the model's native time,
-    sigma_s = (1 - gamma) * sigma_next (TCD_SPEC §2.5), never through the shift-dependent timestep round trip.
+    The target time is taken in the model's own time, which is the shifted sigma the network is conditioned on:
+    sigma_s = (1 - gamma) * sigma_next, the flow form of diffusers' s = floor((1 - gamma) * t_next), never through
+    ComfyUI's timestep/sigma round trip (not an identity when shift != 1). gamma 0 is then the flow Euler step,
+    gamma 1 LCM's step (docs/flow_models.md).
     """
 
     kind = "flow"
@@ -187,3 +212,34 @@ class FlowSchedule:
     @staticmethod
     def sigma_s(sigma_next: float, gamma: float) -> float:
         return (1.0 - gamma) * sigma_next
+
+    @staticmethod
+    def half_log_snr(sigma: float) -> float:
+        """lambda = log(a / b) = log((1 - sigma) / sigma), finite for 0 < sigma < 1."""
+        return math.log((1.0 - sigma) / sigma)
+
+    @staticmethod
+    def sigma_mid(sigma_t: float, sigma_s: float, r: float = MIDPOINT_RATIO) -> float:
+        """sigma of the second-order TCF's intermediate point u: lambda_u = lambda_t + r (lambda_s - lambda_t) exactly
+        (flow models take continuous time, so no snapping): sigma_u = 1 / (1 + e^{lambda_u}).
+
+        Needs a finite h: 0 < sigma_s and sigma_t < 1 (pure noise, a_t = 0, and the clean endpoint, b_s = 0, sit at
+        lambda = -inf and +inf). An empty jump (sigma_s >= sigma_t) gives sigma_t.
+        """
+        _check_midpoint_args(sigma_t, sigma_s, r)
+        if sigma_t >= 1.0:
+            raise ValueError(f"sigma_t={sigma_t} is pure noise (a_t = 0, lambda_t = -inf): the second-order TCF has no "
+                             f"midpoint there; take a first-order jump from sigma = 1")
+        if sigma_s >= sigma_t:
+            return float(sigma_t)
+        lam_t = FlowSchedule.half_log_snr(sigma_t)
+        lam_u = lam_t + r * (FlowSchedule.half_log_snr(sigma_s) - lam_t)
+        return 1.0 / (1.0 + math.exp(lam_u))
+
+
+def _check_midpoint_args(sigma_t: float, sigma_s: float, r: float) -> None:
+    if not 0.0 < r <= 1.0:
+        raise ValueError(f"midpoint ratio r={r} must be in (0, 1]; 0.5 is DPM-Solver++(2S)'s midpoint")
+    if not sigma_s > 0:
+        raise ValueError(f"sigma_s={sigma_s} is the clean endpoint (b_s = 0, lambda_s = +inf): the second-order TCF "
+                         f"has no midpoint there; take a first-order jump to sigma = 0")

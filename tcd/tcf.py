@@ -1,6 +1,6 @@
 """Trajectory consistency function (TCF, TCD paper arXiv 2402.19159 §3) on VP quantities.
 
-Notation (TCD_SPEC §3): a VP diffusion x_t = alpha_t * x0 + sigma_t * eps with alpha_t = sqrt(abar_t),
+Notation (the TCD paper §3, DPM-Solver's lambda): a VP diffusion x_t = alpha_t * x0 + sigma_t * eps with alpha_t = sqrt(abar_t),
 sigma_t = sqrt(1 - abar_t); lambda_t = log(alpha_t / sigma_t) (half log-SNR, decreasing in t); for a jump t -> s
 (s <= t) h = lambda_s - lambda_t >= 0. The network gives x0_hat(x_t, t) (from its epsilon / v / sample output),
 and the TCF f(x_t, t, s) approximates x_s, the PF-ODE solution at s started from x_t, through the exponential
@@ -94,7 +94,7 @@ def tcf_first_order_ei(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_t: torch.T
 def tcf_second_order(x_t: torch.Tensor, x0_t: torch.Tensor, x0_u: torch.Tensor,
                      alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_u: torch.Tensor, sigma_u: torch.Tensor,
                      alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
-    """f^2(x_t, t, s), DPM-Solver++(2S)-style (TCD_SPEC §3), given x0_hat at t and at the intermediate point u.
+    """f^2(x_t, t, s), DPM-Solver++(2S)-style (Lu et al. 2022, Algorithm 1 with r = 1/2), given x0_hat at t and at the intermediate point u.
 
         r   = (lambda_u - lambda_t) / h                     (the spec's lambda_u = lambda_t + r h)
         D   = (1 - 1/(2r)) x0_hat(x_t, t) + 1/(2r) x0_hat(u_x, u)

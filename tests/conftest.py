@@ -46,11 +46,25 @@ def tiny_ckpt() -> Path:
 
 
 @pytest.fixture(scope="session")
-def server(tmp_path_factory, tiny_ckpt):
-    """A real ComfyUI server with the pack in custom_nodes and the tiny checkpoint in models/checkpoints."""
+def tiny_flow_models() -> dict:
+    """The tiny SD3-class / Flux-class model files (scripts/make_tiny_flow.py), generated once per host."""
+    out = Path(os.environ.get("TINY_CKPT") or (REPO / ".cache" / "tiny_sd15.safetensors")).parent / "tiny_flow"
+    return comfyhost.make_tiny_flow_models(comfyui_dir(), out)
+
+
+TEST_NODES = REPO / "tests" / "support" / "comfy_nodes" / "tcd_test_models"
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory, tiny_ckpt, tiny_flow_models):
+    """A real ComfyUI server with the pack in custom_nodes, the tiny checkpoints in models/ (SD1.5; SD3 and Flux
+    parts) and the test-only tiny Flux loader node (tests/support/comfy_nodes)."""
     base = tmp_path_factory.mktemp("comfy_base")
     comfyhost.prepare_base(base)
     (base / "models" / "checkpoints" / "tiny_sd15.safetensors").symlink_to(tiny_ckpt)
+    for path in tiny_flow_models.values():
+        (base / "models" / path.parent.name / path.name).symlink_to(path)
+    (base / "custom_nodes" / TEST_NODES.name).symlink_to(TEST_NODES, target_is_directory=True)
     srv = comfyhost.ComfyServer(base, comfyui_dir())
     srv.start()
     yield srv

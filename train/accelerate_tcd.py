@@ -4,7 +4,7 @@
         --train_data_dir <images + .txt captions> --output_dir <out> [options]
     python -m train.accelerate_tcd ...            (one device, same options)
 
-The structure is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sdxl.py` (TCD_SPEC §4) with
+The structure is diffusers' `examples/consistency_distillation/train_lcm_distill_lora_sdxl.py` with
 the LCM objective replaced by `tcd.losses.TCDLoss` (no math here): PEFT LoRA on the LCM-LoRA recipe's target
 modules; teacher = the same UNet with its adapters disabled (one model copy); target = the online LoRA under
 no_grad, or an EMA of it (`--ema_decay`). The saved LoRA is what `StableDiffusion[XL]Pipeline.save_lora_weights`
@@ -48,7 +48,7 @@ except ImportError:
 ARCHITECTURES = ("sd", "sdxl")
 PIPELINE_CLASS_TO_ARCH = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
 DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024}
-# The LCM-LoRA recipe's target modules (diffusers train_lcm_distill_lora_sdxl.py / _sd_wds.py, TCD_SPEC §4).
+# The LCM-LoRA recipe's target modules (diffusers train_lcm_distill_lora_sdxl.py / _sd_wds.py).
 LORA_TARGET_MODULES = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                        "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv",
                        "time_emb_proj")
@@ -95,9 +95,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--original_steps", type=int, default=50, help="skipping grid N (teacher jump k = T // N)")
     g.add_argument("--w_min", type=float, default=3.0, help="guidance scale range of the teacher (w ~ U[w_min, w_max])")
     g.add_argument("--w_max", type=float, default=15.0)
-    g.add_argument("--loss", choices=tcd_losses.LOSS_TYPES, default="huber")
+    g.add_argument("--recipe", choices=tuple(tcd_losses.RECIPES), default="recommended",
+                   help="objective settings (rho, loss, tcf_order) as a set: 'recommended' (measured best against "
+                        "LCM, docs/recipe.md) or 'paper' (the TCD paper's); --rho/--loss/--tcf_order override")
+    g.add_argument("--rho", type=float, default=None,
+                   help="probability that the target time s is 0 (0 = the paper's uniform s <= t_n)")
+    g.add_argument("--loss", choices=tcd_losses.LOSS_TYPES, default=None,
+                   help="huber (elementwise pseudo-Huber, c = --huber_c), l2, or huber_sample (iCT's per-sample "
+                        "pseudo-Huber, c = 0.00054 sqrt(d))")
     g.add_argument("--huber_c", type=float, default=0.001)
-    g.add_argument("--tcf_order", type=int, choices=(1, 2), default=1,
+    g.add_argument("--tcf_order", type=int, choices=(1, 2), default=None,
                    help="1 = DDIM form, 2 = DPM-Solver++(2S) midpoint (two student passes)")
     g.add_argument("--ema_decay", type=float, default=0.0,
                    help="0 = target is the online LoRA under no_grad (LCM-LoRA recipe); >0 = EMA of the LoRA")
@@ -162,7 +169,9 @@ class Plan:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    apply_recipe(args)
+    return args
 
 
 def validate_args(args: argparse.Namespace) -> Plan:
@@ -223,6 +232,7 @@ def validate_args(args: argparse.Namespace) -> Plan:
     if "/" in args.lora_name or "\\" in args.lora_name or not args.lora_name.endswith(".safetensors"):
         raise ConfigError(f"--lora_name {args.lora_name!r} must be a plain file name ending in .safetensors "
                           f"(it is written inside --output_dir).")
+    apply_recipe(args)     # (idempotent) for namespaces built without parse_args
     num_train_timesteps = _num_train_timesteps(model if not single_file else
                                                (Path(args.model_config) if args.model_config else None))
     # Everything else about the loss (w range, loss type, huber_c, grid) is checked by tcd.losses itself.
@@ -483,35 +493,20 @@ def collate(samples: list) -> dict:
 
 
 # ================================================================================================ objective
-class _PerSampleDraws:
-    """The loss's random draws (grid index, target index, noise, w) taken per sample from that sample's own
-    generator when `generator` is a list, so they depend on the sample's stream position only, never on how
-    the global batch is split over processes and accumulation steps. One generator: the core's behaviour."""
-
-    def draw(self, x0, generator):
-        if isinstance(generator, (list, tuple)):
-            if len(generator) != x0.shape[0]:
-                raise ValueError(f"{len(generator)} generators for a batch of {x0.shape[0]}")
-            draw_one = super().draw        # (zero-argument super() does not work inside the comprehension)
-            parts = [draw_one(x0[i:i + 1], g) for i, g in enumerate(generator)]
-            return tuple(torch.cat(p) for p in zip(*parts))
-        return super().draw(x0, generator)
-
-
-class TCDObjective(_PerSampleDraws, tcd_losses.TCDLoss):
-    pass
-
-
-class LCMObjective(_PerSampleDraws, tcd_losses.LCMLoss):
-    pass
+def apply_recipe(args) -> None:
+    """Fill --rho / --loss / --tcf_order that were not given from --recipe (the same table the node uses)."""
+    for key, value in tcd_losses.RECIPES[args.recipe].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
 
 
 def _make_objective(args, alphas_cumprod, prediction_type):
     common = dict(original_steps=args.original_steps, w_min=args.w_min, w_max=args.w_max, loss=args.loss,
                   huber_c=args.huber_c, prediction_type=prediction_type)
+    # tcd.losses takes one generator per sample (a list), so the draws never depend on how a batch is split.
     if args.objective == "lcm":
-        return LCMObjective(alphas_cumprod, **common)
-    return TCDObjective(alphas_cumprod, tcf_order=args.tcf_order, **common)
+        return tcd_losses.LCMLoss(alphas_cumprod, **common)
+    return tcd_losses.TCDLoss(alphas_cumprod, tcf_order=args.tcf_order, rho=args.rho, **common)
 
 
 # ================================================================================================ models
@@ -666,7 +661,8 @@ def lora_metadata(args, plan: Plan, step: int) -> dict:
     family = tcd_lora.TCD_FAMILY if args.objective == "tcd" else "LCM LoRA"
     return {tcd_lora.METADATA_FAMILY_KEY: family, "tcd.base_architecture": plan.arch, "tcd.steps": str(step),
             "tcd.objective": args.objective, "tcd.lora_rank": str(args.lora_rank),
-            "tcd.original_steps": str(args.original_steps), "tcd.tcf_order": str(args.tcf_order)}
+            "tcd.original_steps": str(args.original_steps), "tcd.tcf_order": str(args.tcf_order),
+            "tcd.rho": str(args.rho), "tcd.loss": str(args.loss)}
 
 
 # ================================================================================================ validation

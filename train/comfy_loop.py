@@ -31,7 +31,7 @@ from typing import Callable, Optional
 import torch
 
 from ..tcd import backend
-from ..tcd.losses import LCMLoss, TCDLoss
+from ..tcd.losses import RECIPES, LCMLoss, TCDLoss
 from .checkpoint import config_differences, load_state, save_state
 from .dataset import TrainingData
 
@@ -61,9 +61,10 @@ class DistillConfig:
     w_min: float = 3.0
     w_max: float = 15.0
     original_steps: int = 50
-    tcf_order: int = 1
+    tcf_order: int = RECIPES["recommended"]["tcf_order"]
     ema_decay: float = 0.95
-    loss: str = "huber"
+    loss: str = RECIPES["recommended"]["loss"]
+    rho: float = RECIPES["recommended"]["rho"]
     huber_c: float = 0.001
     objective: str = "tcd"
     seed: int = 0
@@ -354,7 +355,7 @@ def make_objective(cfg: DistillConfig, alphas_cumprod: torch.Tensor):
                   huber_c=cfg.huber_c, prediction_type="sample")
     if cfg.objective == "lcm":
         return LCMLoss(alphas_cumprod, **common)
-    return TCDLoss(alphas_cumprod, tcf_order=cfg.tcf_order, **common)
+    return TCDLoss(alphas_cumprod, tcf_order=cfg.tcf_order, rho=cfg.rho, **common)
 
 
 def numeric_config(cfg: DistillConfig, data_fp: str, model_fp: str) -> dict:

@@ -1,175 +1,247 @@
-"""One dataset's experiment: teacher, students, samples, metrics. Returns a JSON-able record of raw measurements.
+"""The units of work of the toy benchmark, each a pure function of (config, dataset, seed) returning JSON-able
+records, so that `run.py` can spread them over worker processes.
 
-Seeds: the teacher is trained once per dataset (seed 0). Each seed s in `seeds` distills every student with
-seed s and samples every method (teacher samplers included) from the same initial noise, seed 1000 + s; the spread
-over seeds is thus distillation + sampling variance (teacher rows: sampling variance only).
+Design (all declared in `run.CONFIGS` before measuring):
+* 2 teachers per dataset (teacher seeds 0, 1); distillation seed s uses teacher s mod 2.
+* objectives (`distill.OBJECTIVES`) x samplers (`samplers.student_samplers`) x NFE: every objective is distilled
+  once per seed with the same draws (paired), and its evaluation-EMA student is sampled by every sampler.
+* Two evaluation draws with independent sampling noise:
+  - selection (`select` unit, smaller n): every factorial cell; picks each objective's best sampler per NFE and the
+    recommended TCD objective, over all seeds, before grading;
+  - grading (`grade` unit, full n, sampling seed 1000 + s shared by every method of seed s): only the cells the
+    claims use (each objective's selected sampler, and the sampler all methods share), plus the teacher.
+* Noise floors: the metrics between two exact/held-out samples; the mixture's objective oracles (`oracle.py`).
 """
 from __future__ import annotations
 
 import math
 import time
+from pathlib import Path
 
 import torch
 
-from tcd.losses import TCDLoss
 from tcd.schedule import DiscreteSchedule, vp_alphas_cumprod
 
 from . import data as datasets
 from . import distill as dist
 from . import metrics
 from . import samplers
+from .models import EpsMLP
+from .oracle import ExactDenoiser, ObjectiveOracle
 from .teacher import train_teacher
-
-JUMP_CHECKPOINTS = [999, 759, 499, 259, 0]
-
-
-class TCDLossSZero(TCDLoss):
-    """TCD's objective with the target time pinned to s = 0 (LCM's choice) and everything else unchanged.
-
-    An investigation variant: it separates TCD's s-sampling (s ~ U on the grid below t_n) from its TCF
-    parameterisation (no c_skip / c_out). Same generator draws as `TCDLoss`, so the budget stays identical.
-    """
-
-    def draw(self, x0, generator):
-        index, end_index, noise, w = super().draw(x0, generator)
-        return index, torch.zeros_like(end_index), noise, w
-
-
-# An ablation changes one knob of the main recipe, for LCM and TCD alike where the knob exists for both.
-ABLATIONS = {
-    "loss_l2": dict(loss="l2"),                  # L2 instead of pseudo-Huber (c = 0.001, ~L1 at this scale)
-    "target_online": dict(ema_decay=0.0),        # theta^- = the online student (LoRA scripts) instead of an EMA
-    "skip_25": dict(original_steps=25),          # skipping grid of 25 steps (k = 40) instead of 50 (k = 20)
-    "tcd_s_zero": dict(s_zero=True),             # TCD only: s = 0 always
-}
-
-
-def _student(method: str, order: int, teacher, train, abar, dcfg: dict, seed: int, variant: dict):
-    kw = dict(tcf_order=order) if method == "tcd" else {}
-    obj_kw = dict(original_steps=variant.get("original_steps", 50), loss=variant.get("loss", "huber"))
-    if variant.get("s_zero"):
-        objective = TCDLossSZero(abar, w_min=0.0, w_max=0.0, **obj_kw)
-    else:
-        objective = dist.make_objective(method, abar, **kw, **obj_kw)
-    return dist.distill(teacher, train, objective, steps=dcfg["steps"], batch=dcfg["batch"], lr=dcfg["lr"],
-                        seed=seed, ema_decay=variant.get("ema_decay", dcfg.get("ema_decay", 0.95)))
 
 
 def _finite(d: dict) -> dict:
     return {k: (float(v) if v is not None and math.isfinite(v) else None) for k, v in d.items()}
 
 
-def run_dataset(name: str, cfg: dict, log=print) -> dict:
-    dcfg = cfg["datasets"][name]
-    abar = vp_alphas_cumprod()
-    schedule = DiscreteSchedule.from_alphas_cumprod(abar)
-    ds = datasets.load(name, **dcfg.get("data", {}))
-    n = dcfg["n_samples"]
-    timings, record = {}, {"dataset": name, "dim": ds.dim, "n_train": int(ds.train.shape[0]),
-                           "n_test": int(ds.test.shape[0]), "n_samples": n, "runs": [], "jump_errors": [],
-                           "loss_curves": {}, "samples": {}}
-    t0 = time.time()
+class Context:
+    """Everything a unit needs about one dataset: data, schedule, evaluator, teachers (cached under `cache`)."""
 
-    # --- evaluator and reference points (data against data, pure noise)
-    if name == "mog2d":
-        evaluate = metrics.MixtureEvaluator(ds.test, ds.mixture.centers, ds.mixture.std)
-        fresh = ds.mixture.sample(ds.test.shape[0], torch.Generator().manual_seed(99))
-        record["reference"] = {"data_fresh_exact_samples": _finite(evaluate(fresh))}
-        n = ds.test.shape[0]     # sliced W2 pairs equal-size samples
-        record["n_samples"] = n
-    else:
-        evaluate = metrics.DigitsEvaluator(ds.train, ds.train_labels, ds.test, ds.test_labels,
-                                           classifier_steps=dcfg.get("classifier_steps", 600))
-        record["classifier_test_accuracy"] = evaluate.accuracy
-        record["reference"] = {"data_train_split": _finite(evaluate(ds.train[:n]))}
-    record["reference"]["gaussian_noise"] = _finite(evaluate(torch.randn(n, ds.dim,
-                                                                       generator=torch.Generator().manual_seed(98))))
-    timings["evaluator_s"] = time.time() - t0
+    def __init__(self, cfg: dict, name: str, cache: Path):
+        self.cfg, self.name, self.cache = cfg, name, Path(cache)
+        self.dcfg = cfg["datasets"][name]
+        self.abar = vp_alphas_cumprod()
+        self.schedule = DiscreteSchedule.from_alphas_cumprod(self.abar)
+        self.ds = datasets.load(name, **self.dcfg.get("data", {}))
+        self._evaluator = None
 
-    # --- teacher
-    t0 = time.time()
-    teacher, curve = train_teacher(ds.train, abar, seed=0, **dcfg["teacher"])
-    timings["teacher_s"] = time.time() - t0
-    record["loss_curves"]["teacher"] = curve
-    log(f"[{name}] teacher trained in {timings['teacher_s']:.1f}s (final loss {curve[-1]:.4f})")
-
-    nfes, gammas, seeds = cfg["nfes"], cfg["gammas"], cfg["seeds"]
-    keep = dcfg.get("keep_samples", 64)
-
-    def add(method, nfe, seed, x, gamma=None, order=None, variant="main"):
-        m = _finite(evaluate(x))
-        record["runs"].append({"method": method, "variant": variant, "order": order, "gamma": gamma, "nfe": nfe,
-                               "seed": seed, "metrics": m})
-        if seed == seeds[0] and variant == "main" and (method in ("teacher_dpmpp2m", "lcm") or
-                                                       (method == "tcd" and gamma in (0.0, 0.3, 1.0))):
-            key = f"{method}|{order}|{gamma}|{nfe}"
-            record["samples"][key] = x[:keep].tolist()   # for the sample grids
-
-    # --- teacher trajectory: what the distilled jumps are scored against
-    traj_noise = torch.randn(dcfg.get("jump_points", 512), ds.dim, generator=torch.Generator().manual_seed(97))
-    states = dist.teacher_trajectory(teacher, abar, traj_noise, JUMP_CHECKPOINTS)
-    for order in (1, 2):
-        record["jump_errors"].append({"method": "teacher", "order": order, "seed": None,
-                                      "errors": dist.jump_errors(teacher, abar, states, order)})
-    lcm_fn = dist.make_objective("lcm", abar)
-
-    t_sample = t_distill = 0.0
-    for seed in seeds:
-        sseed = 1000 + seed
-        # --- the teacher at equal NFE, and the 100-step reference
-        t0 = time.time()
-        for nfe in nfes:
-            add("teacher_ddim", nfe, seed, samplers.sample_ddim(teacher, n, ds.dim, nfe, sseed))
-            add("teacher_dpmpp2m", nfe, seed, samplers.sample_dpmpp_2m(teacher, n, ds.dim, nfe, sseed))
-        ref_steps = cfg["ref_steps"]
-        add("teacher_ref", ref_steps, seed, samplers.sample_dpmpp_2m(teacher, n, ds.dim, ref_steps, sseed))
-        t_sample += time.time() - t0
-
-        # --- students at equal budget
-        for method, order in (("lcm", None), ("tcd", 1), ("tcd", 2)):
-            label = "lcm" if method == "lcm" else f"tcd{order}"
-            t0 = time.time()
-            student, curve = _student(method, order or 1, teacher, ds.train, abar, dcfg["distill"], seed, {})
-            t_distill += time.time() - t0
-            record["loss_curves"][f"{label}|seed{seed}"] = curve
-            t0 = time.time()
-            if method == "lcm":
-                for nfe in nfes:
-                    add("lcm", nfe, seed, samplers.sample_lcm_student(student, n, ds.dim, nfe, sseed))
-                record["jump_errors"].append({"method": "lcm", "order": None, "seed": seed,
-                                              "errors": dist.jump_errors(student, abar, states, None, lcm=lcm_fn)})
+    # --- evaluation
+    @property
+    def evaluator(self):
+        if self._evaluator is None:
+            if self.name == "mog2d":
+                self._evaluator = metrics.MixtureEvaluator(self.ds.test, self.ds.mixture.centers,
+                                                           self.ds.mixture.std)
             else:
-                for nfe in nfes:
-                    for gamma in (gammas if order == 1 else cfg.get("order2_gammas", gammas)):
-                        add("tcd", nfe, seed, samplers.sample_tcd_student(student, schedule, n, ds.dim, nfe, gamma,
-                                                                          sseed), gamma=gamma, order=order)
-                for jump_order in (1, 2):
-                    record["jump_errors"].append({"method": f"tcd{order}", "order": jump_order, "seed": seed,
-                                                  "errors": dist.jump_errors(student, abar, states, jump_order)})
-            t_sample += time.time() - t0
-            log(f"[{name}] seed {seed}: {label} distilled and sampled ({time.time() - t0:.1f}s sampling)")
-
-    # --- investigation: one knob at a time, first seed only
-    t0 = time.time()
-    seed = seeds[0]
-    for variant_name in cfg.get("ablations", []):
-        variant = ABLATIONS[variant_name]
-        methods = [("tcd", 1)] if variant.get("s_zero") else [("lcm", None), ("tcd", 1)]
-        osteps = variant.get("original_steps", 50)
-        for method, order in methods:
-            student, curve = _student(method, order or 1, teacher, ds.train, abar, dcfg["distill"], seed, variant)
-            record["loss_curves"][f"{method}|{variant_name}"] = curve
-            for nfe in nfes:
-                if method == "lcm":
-                    x = samplers.sample_lcm_student(student, n, ds.dim, nfe, 1000 + seed, original_steps=osteps)
-                    add("lcm", nfe, seed, x, variant=variant_name)
+                path = self.cache / f"classifiers_{self.name}.pt"
+                if path.exists():
+                    state = torch.load(path, weights_only=False)
+                    ev = metrics.DigitsEvaluator.from_state(state, self.ds)
                 else:
-                    for gamma in cfg.get("ablation_gammas", [0.3]):
-                        x = samplers.sample_tcd_student(student, schedule, n, ds.dim, nfe, gamma, 1000 + seed,
-                                                        original_steps=osteps)
-                        add("tcd", nfe, seed, x, gamma=gamma, order=order, variant=variant_name)
-        log(f"[{name}] ablation {variant_name} done")
-    timings["ablations_s"] = time.time() - t0
-    timings["distill_s"], timings["sampling_and_metrics_s"] = t_distill, t_sample
-    record["timings"] = timings
-    return record
+                    ev = metrics.DigitsEvaluator(self.ds.train, self.ds.train_labels, self.ds.test,
+                                                 self.ds.test_labels, classifier_seeds=self.dcfg["classifier_seeds"],
+                                                 classifier_steps=self.dcfg["classifier_steps"])
+                    _atomic_save(ev.state(), path)
+                self._evaluator = ev
+        return self._evaluator
+
+    def labels_for(self, n: int) -> torch.Tensor | None:
+        """Requested classes of n conditional samples: every class equally often."""
+        return torch.arange(n) % self.ds.classes if self.ds.classes else None
+
+    def evaluate(self, x: torch.Tensor, labels, light: bool = False) -> dict:
+        return _finite(self.evaluator(x, labels, light=light))
+
+    # --- teachers
+    def teacher(self, teacher_seed: int) -> EpsMLP:
+        path = self.cache / f"teacher_{self.name}_{teacher_seed}.pt"
+        tcfg = self.dcfg["teacher"]
+        net = EpsMLP(self.ds.dim, width=tcfg["width"], depth=tcfg["depth"], classes=self.ds.classes)
+        net.load_state_dict(torch.load(path, weights_only=True)["state"])
+        return net.eval().requires_grad_(False)
+
+    def student_path(self, objective: str, seed: int) -> Path:
+        return self.cache / f"student_{self.name}_{objective}_{seed}.pt"
+
+    def teacher_of(self, seed: int) -> int:
+        """Distillation seed s uses teacher s mod (number of teachers)."""
+        seeds = self.cfg["teacher_seeds"]
+        return seeds[seed % len(seeds)]
+
+    def load_student(self, objective: str, seed: int) -> EpsMLP:
+        net = self.teacher(self.teacher_of(seed))
+        net.load_state_dict(torch.load(self.student_path(objective, seed), weights_only=True))
+        return net
+
+    def eps_fn(self, net, n: int, guidance: float = 0.0):
+        return samplers.eps_function(net, self.labels_for(n), guidance)
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+# ================================================================================================ units
+def unit_teacher(ctx: Context, teacher_seed: int) -> dict:
+    t0 = time.process_time()
+    tcfg = dict(ctx.dcfg["teacher"])
+    net, curve = train_teacher(ctx.ds.train, ctx.abar, seed=teacher_seed, labels=ctx.ds.train_labels,
+                               classes=ctx.ds.classes, **tcfg)
+    _atomic_save({"state": net.state_dict()}, ctx.cache / f"teacher_{ctx.name}_{teacher_seed}.pt")
+    return {"kind": "teacher", "dataset": ctx.name, "teacher_seed": teacher_seed, "loss_curve": curve,
+            "cpu_s": time.process_time() - t0}
+
+
+def unit_references(ctx: Context) -> dict:
+    """Noise floors: the metrics between independent draws of the truth (several draws: mean and spread)."""
+    t0 = time.process_time()
+    n = ctx.dcfg["n_grade"]
+    floors = []
+    if ctx.name == "mog2d":
+        for k in range(ctx.dcfg.get("floor_draws", 5)):
+            fresh = ctx.ds.mixture.sample(n, torch.Generator().manual_seed(7000 + k))
+            floors.append(ctx.evaluate(fresh, None))
+        noise = ctx.evaluate(torch.randn(n, ctx.ds.dim, generator=torch.Generator().manual_seed(98)), None)
+        extra = {}
+    else:
+        ev = ctx.evaluator
+        # the training split scored as if it were samples (its own labels requested): what real digits get
+        floors.append(ctx.evaluate(ctx.ds.train, ctx.ds.train_labels))
+        # bootstrap resamples of the training split: the metric's spread at this sample count
+        g = torch.Generator().manual_seed(5)
+        for _ in range(ctx.dcfg.get("floor_draws", 5)):
+            idx = torch.randint(0, ctx.ds.train.shape[0], (ctx.ds.train.shape[0],), generator=g)
+            floors.append(ctx.evaluate(ctx.ds.train[idx], ctx.ds.train_labels[idx]))
+        noise = ctx.evaluate(torch.randn(n, ctx.ds.dim, generator=torch.Generator().manual_seed(98)),
+                             ctx.labels_for(n))
+        extra = {"classifier_test_accuracy": ev.accuracy, "memorisation_threshold": ev.nn_threshold}
+    return {"kind": "references", "dataset": ctx.name, "floor_draws": floors, "gaussian_noise": noise,
+            "cpu_s": time.process_time() - t0, **extra}
+
+
+def _probe(ctx: Context, objective: str):
+    """A cheap convergence metric of an evaluation-EMA student: the primary metric at NFE 2 and 4 with the
+    objective's own sampler on a small draw (same noise at every probe)."""
+    n = ctx.dcfg["n_probe"]
+    primary = ctx.cfg["primary"][ctx.name]
+    spec = samplers.student_samplers(ctx.cfg["declared_gamma"])["lcm" if objective == "lcm" else "sss_declared"]
+
+    def probe(net):
+        out = {}
+        for nfe in (2, 4):
+            x = samplers.run_sampler(spec, ctx.eps_fn(net, n), ctx.schedule, n, ctx.ds.dim, nfe, 424242)
+            out[f"{primary}@{nfe}"] = ctx.evaluate(x, ctx.labels_for(n), light=True)[primary]
+        return out
+    return probe
+
+
+def unit_select(ctx: Context, seed: int) -> dict:
+    """Distil every objective with this seed (paired draws), keep the students, score every factorial cell on the
+    selection draw; also sample the teacher on the grading draw (it needs no selection)."""
+    t0 = time.process_time()
+    dcfg, cfg = ctx.dcfg, ctx.cfg
+    teacher = ctx.teacher(ctx.teacher_of(seed))
+    guidance = dcfg.get("guidance", {})
+    runs, curves = [], {}
+    n_sel, sel_seed = dcfg["n_select"], 50000 + seed
+    specs = {k: v for k, v in samplers.student_samplers(cfg["declared_gamma"]).items() if k in cfg["samplers"]}
+    distill_cpu = 0.0
+    for objective in cfg["objectives"]:
+        c0 = time.process_time()
+        obj = dist.make_objective(objective, ctx.abar, w_min=guidance.get("w_min", 0.0),
+                                  w_max=guidance.get("w_max", 0.0), loss=cfg.get("loss", "huber"))
+        student, record = dist.distill(teacher, ctx.ds.train, ctx.ds.train_labels, obj, seed=seed,
+                                       probe=_probe(ctx, objective), **dcfg["distill"])
+        distill_cpu += time.process_time() - c0
+        _atomic_save(student.state_dict(), ctx.student_path(objective, seed))
+        curves[objective] = record
+        eps = ctx.eps_fn(student, n_sel)
+        for sampler, spec in specs.items():
+            for nfe in cfg["nfes"]:
+                x = samplers.run_sampler(spec, eps, ctx.schedule, n_sel, ctx.ds.dim, nfe, sel_seed)
+                if x is not None:
+                    runs.append({"draw": "select", "method": objective, "sampler": sampler, "nfe": nfe,
+                                 "seed": seed, "metrics": ctx.evaluate(x, ctx.labels_for(n_sel), light=True)})
+    runs += _teacher_runs(ctx, teacher, seed)
+    return {"kind": "select", "dataset": ctx.name, "seed": seed, "runs": runs, "curves": curves,
+            "distill_cpu_s": distill_cpu, "cpu_s": time.process_time() - t0}
+
+
+def _teacher_runs(ctx: Context, teacher, seed: int) -> list[dict]:
+    n, sseed = ctx.dcfg["n_grade"], 1000 + seed
+    w = ctx.dcfg.get("guidance", {}).get("w_eval", 0.0)
+    eps = ctx.eps_fn(teacher, n, w)
+    runs = []
+    for name, fn in (("teacher_ddim", samplers.sample_ddim), ("teacher_dpmpp2m", samplers.sample_dpmpp_2m)):
+        for nfe in ctx.cfg["nfes"] + (ctx.cfg["teacher_ref_nfes"] if name == "teacher_dpmpp2m" else []):
+            x = fn(eps, n, ctx.ds.dim, nfe, sseed)
+            runs.append({"draw": "grade", "method": name, "sampler": name, "nfe": nfe, "seed": seed,
+                         "metrics": ctx.evaluate(x, ctx.labels_for(n))})
+    return runs
+
+
+def unit_grade(ctx: Context, seed: int, cells: list[tuple[str, str, int]]) -> dict:
+    """Score the (objective, sampler, nfe) cells on the grading draw (sampling seed 1000 + seed for every method)."""
+    t0 = time.process_time()
+    n, sseed = ctx.dcfg["n_grade"], 1000 + seed
+    specs = samplers.student_samplers(ctx.cfg["declared_gamma"])
+    runs, students, samples = [], {}, {}
+    for objective, sampler, nfe in cells:
+        if objective not in students:
+            students[objective] = ctx.eps_fn(ctx.load_student(objective, seed), n)
+        x = samplers.run_sampler(specs[sampler], students[objective], ctx.schedule, n, ctx.ds.dim, nfe, sseed)
+        if x is not None:
+            runs.append({"draw": "grade", "method": objective, "sampler": sampler, "nfe": nfe, "seed": seed,
+                         "metrics": ctx.evaluate(x, ctx.labels_for(n))})
+            if seed == ctx.cfg["seeds"][0]:
+                samples[f"{objective}|{sampler}|{nfe}"] = _kept(ctx, x)
+    return {"kind": "grade", "dataset": ctx.name, "seed": seed, "runs": runs, "samples": samples,
+            "cpu_s": time.process_time() - t0}
+
+
+def _kept(ctx: Context, x: torch.Tensor) -> list:
+    """What the sample figures show: 2000 points of the mixture, or the first 20 digits (two of each class)."""
+    return x[:2000 if ctx.name == "mog2d" else 20].tolist()
+
+
+def unit_oracle(ctx: Context, objective: str) -> dict:
+    """The mixture's exact-denoiser oracle of one objective, sampled by the SSS and LCM samplers (oracle.py)."""
+    t0 = time.process_time()
+    spec = dist.OBJECTIVES[objective]
+    oracle = ObjectiveOracle(ExactDenoiser(ctx.ds.mixture, ctx.abar), spec["method"], rho=spec.get("rho", 0.0),
+                             loss=ctx.cfg.get("loss", "huber"))
+    n = ctx.dcfg["n_oracle"]
+    specs = samplers.student_samplers(ctx.cfg["declared_gamma"])
+    runs = []
+    for sampler in ctx.cfg["oracle_samplers"]:
+        for nfe in ctx.cfg["nfes"]:
+            x = samplers.run_sampler(specs[sampler], lambda x, t: oracle(x, t), ctx.schedule, n, ctx.ds.dim, nfe,
+                                     1000)
+            if x is not None:
+                runs.append({"draw": "oracle", "method": objective, "sampler": sampler, "nfe": nfe, "seed": 0,
+                             "metrics": ctx.evaluate(x, None)})
+    return {"kind": "oracle", "dataset": ctx.name, "objective": objective, "runs": runs,
+            "cpu_s": time.process_time() - t0}

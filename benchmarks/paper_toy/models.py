@@ -1,4 +1,4 @@
-"""Small networks: the eps-prediction denoiser (teacher and students share it) and the digits feature classifier."""
+"""Small networks: the eps-prediction denoiser (teacher and students share it) and the digits classifiers."""
 from __future__ import annotations
 
 import math
@@ -28,35 +28,47 @@ class ResidualBlock(nn.Module):
 
 
 class EpsMLP(nn.Module):
-    """eps_theta(x_t, t): a residual MLP with a sinusoidal timestep embedding (x_t in VP space, t an int64 [B])."""
+    """eps_theta(x_t, t, label): a residual MLP with a sinusoidal timestep embedding (x_t in VP space, t int64 [B]).
 
-    def __init__(self, dim: int, width: int = 128, depth: int = 3, temb_dim: int = 64):
+    classes > 0 makes it class-conditional: `cond` is an int64 [B] of labels, where the extra label `classes` is
+    the null condition of classifier-free guidance (Ho & Salimans 2022), learnt by dropping labels in training.
+    """
+
+    def __init__(self, dim: int, width: int = 128, depth: int = 3, temb_dim: int = 64, classes: int = 0):
         super().__init__()
-        self.dim, self.width, self.depth, self.temb_dim = dim, width, depth, temb_dim
+        self.dim, self.width, self.depth, self.temb_dim, self.classes = dim, width, depth, temb_dim, classes
         self.temb = nn.Sequential(nn.Linear(temb_dim, width), nn.SiLU(), nn.Linear(width, width))
+        self.label = nn.Embedding(classes + 1, width) if classes else None
         self.inp = nn.Linear(dim, width)
         self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
         self.out = nn.Sequential(nn.SiLU(), nn.Linear(width, dim))
 
+    def null_label(self, batch: int) -> torch.Tensor:
+        return torch.full((batch,), self.classes, dtype=torch.int64)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
         temb = self.temb(timestep_embedding(t, self.temb_dim))
+        if self.label is not None:
+            temb = temb + self.label(self.null_label(x.shape[0]) if cond is None else cond)
         h = self.inp(x) + temb
         for block in self.blocks:
             h = block(h, temb)
         return self.out(h)
 
 
-class DigitClassifier(nn.Module):
-    """An MLP digit classifier; `features` (the penultimate layer) is the space the Frechet distance is taken in."""
+class DigitCNN(nn.Module):
+    """A small convolutional 8x8 digit classifier; `features` (the 128-d penultimate layer) is the space KID is taken
+    in. Stronger than an MLP on pixels (translation-tolerant), trained with shifts and noise (metrics.py)."""
 
-    def __init__(self, dim: int = 64, width: int = 256, feature_dim: int = 32, classes: int = 10):
+    def __init__(self, classes: int = 10, feature_dim: int = 128):
         super().__init__()
-        self.body = nn.Sequential(nn.Linear(dim, width), nn.ReLU(), nn.Dropout(0.2), nn.Linear(width, feature_dim),
-                                  nn.ReLU())
-        self.head = nn.Linear(feature_dim, classes)
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(),
+            nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64 * 4 * 4, feature_dim), nn.ReLU())
+        self.head = nn.Sequential(nn.Dropout(0.3), nn.Linear(feature_dim, classes))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(x)
+        return self.body(x.reshape(-1, 1, 8, 8))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.body(x))
+        return self.head(self.features(x))

@@ -1,18 +1,26 @@
-"""Run the toy-scale paper reproduction: `python -m benchmarks.paper_toy.run [--config full|smoke] [--out DIR]`.
+"""Run the toy-scale study of the TCD recipe: `python -m benchmarks.paper_toy.run [--config full|quick] [--out DIR]`.
 
-Each dataset runs in its own worker process with one torch thread (tiny networks use two cores better as two
-processes than as two intra-op threads); the parent merges the raw records, aggregates over seeds, checks the
-paper's claims and writes results.json, summary.md and the PNG plots into the output folder.
+Phases (units in experiment.py, spread over `--jobs` worker processes with one torch thread each: these networks are
+too small for intra-op threads to pay off):
+  0. teachers (2 per dataset), classifiers and noise floors;
+  1. `select`: every objective distilled per seed, every sampler x NFE cell scored on the selection draw;
+  2. choose, per objective and NFE, its best sampler, and the recommended TCD objective (rules below), from the
+     selection draw only;
+  3. `grade`: the chosen cells and the shared sampler on the grading draw (independent sampling noise);
+     `oracle`: the mixture's exact-denoiser ceilings;
+  4. statistics, summary.md, results.json and plots.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -20,43 +28,62 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "paper_toy"
+DEFAULT_CACHE = Path(os.environ.get("TCD_BENCH_CACHE", Path.home() / ".cache" / "comfyui-tcd" / "paper_toy"))
+
+OBJECTIVES = ["lcm", "tcd_rho0", "tcd_rho0.25", "tcd_rho0.5", "tcd_rho0.75", "tcd_tcf2"]
+# Declared before any measurement: the gamma of the "sss_declared" sampler at each NFE. Fewer steps mean longer jumps,
+# where a student that cannot see s is least accurate, so more of each step is re-noised; with more steps the
+# jumps are short and accurate, and less noise is re-injected.
+DECLARED_GAMMA = {"1": 0.0, "2": 0.5, "4": 0.3, "8": 0.2, "16": 0.1}
 
 CONFIGS = {
-    # The measured configuration (`make bench`): ~6 CPU-minutes per dataset worker (two workers on two cores).
+    # The measured configuration (`make bench`).
     "full": {
-        "seeds": [0, 1, 2],
+        "seeds": list(range(10)),
+        "teacher_seeds": [0, 1],
         "nfes": [1, 2, 4, 8, 16],
-        "gammas": [0.0, 0.2, 0.3, 0.5, 1.0],
-        "order2_gammas": [0.0, 0.3],     # the 2nd-order TCF student is compared at the deterministic and default gamma
-        "ref_steps": 100,
-        "claim_gammas": [0.3, 0.0],      # declared before measuring: the paper's default and deterministic SSS
-        "ablations": ["loss_l2", "target_online", "skip_25", "tcd_s_zero"],
-        "ablation_gammas": [0.0, 0.3],
+        "claim_nfes": [2, 4, 8, 16],
+        "teacher_ref_nfes": [25],
+        "objectives": OBJECTIVES,
+        "declared_gamma": DECLARED_GAMMA,
+        "samplers": ["lcm", "sss_g0", "sss_g0.3", "sss2_g0.3", "sss_declared"],
+        "shared_sampler": "sss_declared",
+        "oracle_samplers": ["sss_declared", "lcm"],
+        "primary": {"mog2d": "sw", "digits": "kid"},
+        "loss": "huber",
         "datasets": {
-            "mog2d": {"n_samples": 2000, "keep_samples": 400,
-                      "teacher": dict(width=128, depth=3, steps=3000, batch=1024, lr=3e-3),
-                      "distill": dict(steps=1200, batch=256, lr=2e-4, ema_decay=0.95)},
-            "digits": {"n_samples": 1000, "keep_samples": 25,
+            "mog2d": {"n_select": 5000, "n_grade": 50000, "n_probe": 5000, "n_oracle": 10000, "floor_draws": 5,
+                      "teacher": dict(width=64, depth=3, steps=3000, batch=1024, lr=3e-3),
+                      "distill": dict(steps=800, batch=256, lr=2e-4, ema_decay=0.95, eval_ema=0.99,
+                                      probe_every=100)},
+            "digits": {"n_select": 1000, "n_grade": 2000, "n_probe": 500, "floor_draws": 5,
+                       "classifier_seeds": [0, 1, 2], "classifier_steps": 1500,
+                       "guidance": dict(w_min=0.0, w_max=2.0, w_eval=1.0),
                        "teacher": dict(width=256, depth=3, steps=4000, batch=256, lr=1e-3),
-                       "distill": dict(steps=1200, batch=128, lr=2e-4, ema_decay=0.95)},
+                       "distill": dict(steps=800, batch=128, lr=2e-4, ema_decay=0.95, eval_ema=0.99,
+                                       probe_every=100)},
         },
     },
-    # Seconds: proves the pipeline end to end (tests/unit/test_paper_toy_smoke.py); its numbers mean nothing.
-    "smoke": {
-        "seeds": [0],
-        "nfes": [1, 2],
-        "gammas": [0.0, 0.3],
-        "ref_steps": 100,
-        "claim_gammas": [0.3, 0.0],
-        "ablations": ["tcd_s_zero"],
-        "ablation_gammas": [0.3],
+    # The test suite's configuration (tests/unit/test_paper_toy_quick.py): the mixture only, 3 seeds, two
+    # objectives; small but real: it must show the distilled student beating the teacher's DDIM at 4 NFE.
+    "quick": {
+        "seeds": [0, 1, 2],
+        "teacher_seeds": [0],
+        "nfes": [2, 4],
+        "claim_nfes": [2, 4],
+        "teacher_ref_nfes": [25],
+        "objectives": ["lcm", "tcd_rho0.5"],
+        "declared_gamma": DECLARED_GAMMA,
+        "samplers": ["lcm", "sss_g0.3", "sss_declared"],
+        "shared_sampler": "sss_declared",
+        "oracle_samplers": [],
+        "primary": {"mog2d": "sw"},
+        "loss": "huber",
         "datasets": {
-            "mog2d": {"n_samples": 500, "jump_points": 64, "data": dict(n_train=5000, n_test=500),
-                      "teacher": dict(width=64, depth=2, steps=1000, batch=512, lr=3e-3),
-                      "distill": dict(steps=10, batch=64, lr=2e-4, ema_decay=0.95)},
-            "digits": {"n_samples": 200, "jump_points": 64, "classifier_steps": 100, "keep_samples": 16,
-                       "teacher": dict(width=32, depth=1, steps=200, batch=128, lr=3e-3),
-                       "distill": dict(steps=10, batch=64, lr=2e-4, ema_decay=0.95)},
+            "mog2d": {"n_select": 2000, "n_grade": 10000, "n_probe": 1000, "n_oracle": 2000, "floor_draws": 5,
+                      "teacher": dict(width=64, depth=2, steps=800, batch=512, lr=3e-3),
+                      "distill": dict(steps=500, batch=128, lr=5e-4, ema_decay=0.95, eval_ema=0.95,
+                                      probe_every=50)},
         },
     },
 }
@@ -68,41 +95,119 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _worker(name: str, config_name: str, raw_path: Path, threads: int) -> None:
+def config_key(cfg: dict) -> str:
+    """Cached teachers/students/classifiers are reused only for the same settings and the same code."""
+    code = "".join((Path(__file__).parent / f).read_text() for f in
+                   ("data.py", "models.py", "teacher.py", "distill.py", "metrics.py"))
+    code += (REPO / "tcd" / "losses.py").read_text() + (REPO / "tcd" / "tcf.py").read_text()
+    return hashlib.sha256((json.dumps(cfg, sort_keys=True) + code).encode()).hexdigest()[:12]
+
+
+# ------------------------------------------------------------------------------------------------ worker side
+_CONTEXTS: dict = {}
+
+
+def _init_worker() -> None:
     import torch
-    from .experiment import run_dataset
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
+
+
+def _unit(config_name: str, cache: str, kind: str, dataset: str, *args):
+    from . import experiment
+    key = (config_name, dataset)
+    if key not in _CONTEXTS:
+        _CONTEXTS[key] = experiment.Context(CONFIGS[config_name], dataset, Path(cache))
+    ctx = _CONTEXTS[key]
+    return getattr(experiment, f"unit_{kind}")(ctx, *args)
+
+
+# ------------------------------------------------------------------------------------------------ parent side
+def _map(pool, config_name, cache, jobs, log):
+    futures = [pool.submit(_unit, config_name, str(cache), *job) if pool else None for job in jobs]
+    results = []
+    for job, fut in zip(jobs, futures):
+        res = fut.result() if pool else _unit(config_name, str(cache), *job)
+        log(f"  {job[0]} {job[1]} {job[2:] if len(job) > 2 else ''}: {res.get('cpu_s', 0):.1f} CPU s")
+        results.append(res)
+    return results
+
+
+def choose(cfg: dict, select_runs: dict) -> dict:
+    """Phase 2, from the selection draw only:
+    * best sampler of each (dataset, objective, NFE): the lowest mean primary metric over seeds;
+    * recommended TCD objective: the best mean rank among the TCD objectives over every (dataset, claim NFE) at
+      their best samplers (ties: the lower rho)."""
+    from . import report
+    best, means = {}, {}
+    for name, runs in select_runs.items():
+        primary = cfg["primary"][name]
+        table = report.mean_table(runs, primary)
+        for (objective, sampler, nfe), value in table.items():
+            cur = best.get((name, objective, nfe))
+            if cur is None or value < means[(name, objective, nfe)]:
+                best[(name, objective, nfe)], means[(name, objective, nfe)] = sampler, value
+    tcd = [o for o in cfg["objectives"] if o != "lcm"]
+    ranks = {o: 0.0 for o in tcd}
+    for name in select_runs:
+        for nfe in cfg["claim_nfes"]:
+            order = sorted(tcd, key=lambda o: means[(name, o, nfe)])
+            for r, o in enumerate(order):
+                ranks[o] += r
+    recommended = min(tcd, key=lambda o: (ranks[o], tcd.index(o)))
+    return {"best_sampler": {f"{k[0]}|{k[1]}|{k[2]}": v for k, v in best.items()},
+            "mean_rank": ranks, "recommended": recommended}
+
+
+def run(config_name: str = "full", out: Path = DEFAULT_OUT, jobs: int = 2, cache: Path = DEFAULT_CACHE,
+        log=print) -> dict:
+    from . import plots, report
+    cfg = CONFIGS[config_name]
+    names = list(cfg["datasets"])
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    cache = Path(cache) / f"{config_name}-{config_key(cfg)}"
+    cache.mkdir(parents=True, exist_ok=True)
+    t0, c0 = time.time(), time.process_time()
+    pool = ProcessPoolExecutor(jobs, mp_context=get_context("spawn"), initializer=_init_worker) if jobs > 1 else None
+    if pool is None:
+        _init_worker()
     try:
-        t0, c0 = time.time(), time.process_time()
-        record = run_dataset(name, CONFIGS[config_name], log=lambda m: print(m, flush=True))
-        # CPU seconds of this worker: what its wall time would be with a core of its own (no other load)
-        record["wall_s"], record["cpu_s"] = time.time() - t0, time.process_time() - c0
-    finally:
-        torch.set_num_threads(previous)
-    _atomic_write(raw_path, json.dumps(record))
-
-
-def _run_workers(names, config_name: str, out: Path, jobs: int) -> dict:
-    raw = {n: out / f".raw_{n}.json" for n in names}
-    # One thread per worker: these networks are too small for intra-op threads to pay off (and with other load on
-    # the machine, spinning threads cost more than they give).
-    threads = 1
-    if jobs <= 1:
+        log("phase 0: teachers, classifiers, floors")
+        phase0 = [("teacher", n, s) for n in names for s in cfg["teacher_seeds"]
+                  if not (cache / f"teacher_{n}_{s}.pt").exists()] + [("references", n) for n in names]
+        done0 = _map(pool, config_name, cache, phase0, log)
+        log("phase 1: distil every objective, score every cell on the selection draw")
+        done1 = _map(pool, config_name, cache, [("select", n, s) for s in cfg["seeds"] for n in names], log)
+        select_runs = {n: [r for u in done1 if u["dataset"] == n for r in u["runs"] if r["draw"] == "select"]
+                       for n in names}
+        choice = choose(cfg, select_runs)
+        log(f"phase 2: recommended TCD objective {choice['recommended']}")
+        log("phase 3: grading draw and oracles")
+        jobs3 = []
         for n in names:
-            _worker(n, config_name, raw[n], threads)
-    else:
-        procs = [(n, subprocess.Popen([sys.executable, "-m", "benchmarks.paper_toy.run", "--worker", n,
-                                       "--config", config_name, "--raw", str(raw[n]), "--threads", str(threads)],
-                                      cwd=REPO)) for n in names]
-        failed = [n for n, p in procs if p.wait() != 0]
-        if failed:
-            raise RuntimeError(f"paper_toy worker(s) {failed} failed; see their output above")
-    records = {}
-    for n in names:
-        records[n] = json.loads(raw[n].read_text())
-        raw[n].unlink()
-    return records
+            cells = sorted({(o, choice["best_sampler"][f"{n}|{o}|{nfe}"], nfe) for o in cfg["objectives"]
+                            for nfe in cfg["nfes"]} |
+                           {(o, cfg["shared_sampler"], nfe) for o in cfg["objectives"] for nfe in cfg["nfes"]})
+            jobs3 += [("grade", n, s, cells) for s in cfg["seeds"]]
+        if "mog2d" in names and cfg["oracle_samplers"]:
+            jobs3 += [("oracle", "mog2d", o) for o in cfg["objectives"] if o != "tcd_tcf2"]
+        done3 = _map(pool, config_name, cache, jobs3, log)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+    units = done0 + done1 + done3
+    results = report.assemble(cfg, config_name, units, choice)
+    results["wall_s"] = time.time() - t0
+    results["cpu_s"] = time.process_time() - c0 + sum(u.get("cpu_s", 0.0) for u in units)
+    results["machine"] = _machine()
+    results["jobs"] = jobs
+    figs = plots.all_figures(results, out)
+    results["figures"] = [f.name for f in figs]
+    for rec in results["datasets"].values():
+        rec.pop("samples", None)   # shown in samples_<dataset>.png; the raw points would only bloat the JSON
+    _atomic_write(out / "summary.md", report.summary_markdown(results))
+    _atomic_write(out / "results.json", json.dumps(_rounded(results), indent=1, allow_nan=True))
+    return results
 
 
 def _rounded(obj, digits: int = 6):
@@ -122,95 +227,19 @@ def _machine() -> str:
             f"Python {platform.python_version()}")
 
 
-def run(config_name: str = "full", out: Path = DEFAULT_OUT, jobs: int = 2, datasets=None) -> dict:
-    from . import plots, report
-    if config_name not in CONFIGS:
-        raise ValueError(f"config {config_name!r} is not one of {sorted(CONFIGS)}")
-    cfg = CONFIGS[config_name]
-    names = list(datasets or cfg["datasets"])
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
-    records = _run_workers(names, config_name, out, jobs)
-
-    results = {"config_name": config_name, "config": cfg, "machine": _machine(), "datasets": {}}
-    for name, rec in records.items():
-        agg = report.aggregate(rec["runs"])
-        rec["aggregate_index"] = agg
-        rec["first_seed"] = cfg["seeds"][0]
-        rec["claims"] = report.claim_checks(name, rec, agg, cfg["nfes"], cfg["gammas"], cfg["claim_gammas"])
-        results["datasets"][name] = rec
-    results["wall_s"] = time.time() - t0
-
-    # plots (before the summary, whose run time then includes them)
-    figs = []
-    for name, rec in results["datasets"].items():
-        figs.append(plots.metric_vs_nfe(name, rec, cfg["nfes"], out))
-        figs.append(plots.gamma_sweep(name, rec, cfg["nfes"], cfg["gammas"], out))
-        figs.append(plots.tcf_order(name, rec, cfg["nfes"], out))
-        test = None
-        if name == "mog2d":
-            from .data import load
-            test = load(name, **cfg["datasets"][name].get("data", {})).test.numpy()
-        figs.append(plots.sample_grid(name, rec, cfg["nfes"], out, test_points=test))
-    figs.append(plots.overview(results, cfg["nfes"], out))
-    figs.append(plots.loss_curves(results, out))
-    results["wall_s"] = time.time() - t0
-    results["figures"] = [f.name for f in figs]
-
-    _write(results, out)
-    return results
-
-
-def _write(results: dict, out: Path) -> None:
-    """summary.md, then results.json (aggregates keyed by readable fields; raw per-seed runs kept for re-analysis)."""
-    from . import report
-    _atomic_write(out / "summary.md", report.summary_markdown(results))
-    for rec in results["datasets"].values():
-        rec.pop("samples", None)   # shown in samples_<dataset>.png; the raw points would only bloat the JSON
-        # per-seed values live in "runs"; the aggregate keeps mean, std and n
-        rec["aggregate"] = [{"method": k[0], "variant": k[1], "order": k[2], "gamma": k[3], "nfe": k[4],
-                             "label": report.method_label(k[0], k[2], k[3]),
-                             "metrics": {m: {x: y for x, y in st.items() if x != "values"} for m, st in v.items()}}
-                            for k, v in rec.pop("aggregate_index").items()]
-    _atomic_write(out / "results.json", json.dumps(_rounded(results), indent=1, allow_nan=True))
-
-
-def resummarize(out: Path = DEFAULT_OUT) -> None:
-    """Recompute aggregates and claim checks from the per-seed runs in results.json; rewrite it and summary.md."""
-    from . import report
-    results = json.loads((out / "results.json").read_text())
-    cfg = results["config"]
-    for name, rec in results["datasets"].items():
-        rec["aggregate_index"] = report.aggregate(rec["runs"])
-        rec["claims"] = report.claim_checks(name, rec, rec["aggregate_index"], cfg["nfes"], cfg["gammas"],
-                                            cfg["claim_gammas"])
-    _write(results, out)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default="full", choices=sorted(CONFIGS))
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (JSON, PNG, summary.md)")
-    parser.add_argument("--jobs", type=int, default=2, help="dataset workers in parallel (1 = in this process)")
-    parser.add_argument("--datasets", nargs="*", default=None, help="subset of: mog2d digits")
-    parser.add_argument("--resummarize", action="store_true",
-                        help="only recompute aggregates, claims and summary.md from the runs in --out's results.json "
-                             "(no training, no plots)")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--raw", help=argparse.SUPPRESS)
-    parser.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--jobs", type=int, default=2, help="worker processes (1 = in this process)")
+    parser.add_argument("--cache", default=str(DEFAULT_CACHE),
+                        help="where teachers, classifiers and students are kept (keyed by settings and code)")
     args = parser.parse_args(argv)
-    if args.worker:
-        _worker(args.worker, args.config, Path(args.raw), args.threads)
-        return 0
-    if args.resummarize:
-        resummarize(Path(args.out))
-        return 0
     t0 = time.time()
-    results = run(args.config, Path(args.out), args.jobs, args.datasets)
-    print(f"paper_toy ({args.config}): {time.time() - t0:.1f}s; wrote {Path(args.out) / 'summary.md'}, "
-          f"results.json and {len(results['figures'])} plots")
+    results = run(args.config, Path(args.out), args.jobs, Path(args.cache),
+                  log=lambda m: print(m, flush=True))
+    print(f"paper_toy ({args.config}): {time.time() - t0:.1f}s wall, {results['cpu_s'] / 60:.1f} CPU min; wrote "
+          f"{Path(args.out) / 'summary.md'}, results.json and {len(results['figures'])} plots")
     return 0
 
 

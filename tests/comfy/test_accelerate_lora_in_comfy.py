@@ -74,11 +74,11 @@ def test_cli_lora_applies_every_layer_in_comfyui(pack, kl_ckpt, trained, loras_d
     assert n_layers > 30
 
     loader = nodes.NODE_CLASS_MAPPINGS["TCD_LoraLoader"]()
-    new_model, _, info = loader.load_lora(model, LORA_NAME, 1.0, clip=clip)
+    new_model, _, info, _ = loader.load_lora(model, LORA_NAME, 1.0, clip=clip)
     print(info)
     assert f"UNet layers patched: {n_layers}/{n_layers}" in info
     assert f"layers matched: {n_layers}/{n_layers}" in info
-    assert "family: TCD LoRA" in info
+    assert "family: TCD (SD1.5" in info
     assert "architecture: SD1" in info
 
     # Exactly the trained weight change B @ A on every layer (diffusers applies the same: scale 1, no alpha).

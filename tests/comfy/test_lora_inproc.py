@@ -8,8 +8,9 @@ import torch
 from support import lora_files as lf
 from tcd.files import save_safetensors_atomic
 
-# Formats in which core ComfyUI 0.3.75 drops layers without a word (COMFYUI_HOST.md §3): the attention layers of
-# new-diffusers / PEFT keys, everything under base_model.model., and old-diffusers text-encoder attention.
+# Formats in which core ComfyUI 0.3.75 drops layers without a word (benchmarks/results/lora_coverage.md): the
+# attention layers of new-diffusers / PEFT keys, everything under base_model.model., and old-diffusers text-encoder
+# attention.
 CORE_LOSES_UNET = {"diffusers", "peft unet.", "peft unet. + alpha", "peft base_model.model.", "peft no prefix"}
 CORE_LOSES_TE = {"diffusers-old"}
 PROMPT = "a photo of a cat"
@@ -79,7 +80,7 @@ def info_count(info, label):
 
 
 def check_core(core, total, known_loss):
-    """On the pinned ComfyUI 0.3.75 core drops exactly the formats measured in COMFYUI_HOST.md §3; another ComfyUI
+    """On the pinned ComfyUI 0.3.75 core drops exactly the formats measured in lora_coverage.md; another ComfyUI
     (COMFYUI_PATH) may have fixed that, so there only 'never more than this loader' is checked."""
     import comfyui_version
     if comfyui_version.__version__ == "0.3.75":
@@ -98,7 +99,7 @@ def test_sd15_every_format_patches_every_layer_and_matches_kohya(fmt, node, sd15
     model, clip, layers = sd15["model"], sd15["clip"], sd15["layers"]
     sd = lf.write_format(fmt, layers)
     name = write(loras_dir, f"sd15_{fmt.replace(' ', '_').replace('.', '')}.safetensors", sd)
-    new_model, new_clip, info = node.load_lora(model, name, 1.0, clip, 1.0)
+    new_model, new_clip, info, _ = node.load_lora(model, name, 1.0, clip, 1.0)
     n_unet, n_te = lf.n_layers(fmt, layers, "unet"), lf.n_layers(fmt, layers, "te")
     assert info_count(info, "UNet layers patched") == (n_unet, n_unet) == (54, 54)
     if n_te:
@@ -124,7 +125,7 @@ def test_sdxl_every_format_patches_every_layer_and_matches_kohya(fmt, node, sdxl
     model, clip, layers = sdxl["model"], sdxl["clip"], sdxl["layers"]
     sd = lf.write_format(fmt, layers)
     name = write(loras_dir, f"sdxl_{fmt.replace(' ', '_').replace('.', '')}.safetensors", sd)
-    new_model, _, info = node.load_lora(model, name, 1.0, clip, 1.0)
+    new_model, _, info, _ = node.load_lora(model, name, 1.0, clip, 1.0)
     n_unet, n_te = lf.n_layers(fmt, layers, "unet"), lf.n_layers(fmt, layers, "te")
     assert "architecture: SDXL" in info and "model: SDXL" in info
     assert info_count(info, "UNet layers patched") == (n_unet, n_unet)
@@ -146,7 +147,7 @@ def test_strength_zero_is_the_base_model_exactly_and_deltas_are_linear(node, sd1
     import comfy.lora
     model, clip = sd15["model"], sd15["clip"]
     name = write(loras_dir, "strength.safetensors", lf.write_format("peft unet.", sd15["layers"]))
-    m0, c0, info0 = node.load_lora(model, name, 0.0, clip, 0.0)
+    m0, c0, info0, _ = node.load_lora(model, name, 0.0, clip, 0.0)
     assert "strength_model 0: model unchanged" in info0
     assert torch.equal(lf.sample(m0, sd15["cond"]), sd15["base"])
     assert torch.equal(c0.encode_from_tokens(clip.tokenize(PROMPT)), sd15["base_text"])
@@ -189,14 +190,14 @@ def test_unmatched_layers_error_lists_them_and_warn_applies_the_rest(node, sd15,
     with pytest.raises(ValueError, match=r"1 of 67 layers.*down_blocks_7_resnets_0_conv1.*'warn'"):
         node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0)
     with caplog.at_level(logging.WARNING):
-        _, _, info = node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0, on_unmatched="warn")
+        _, _, info, _ = node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0, on_unmatched="warn")
     assert info_count(info, "UNet layers patched") == (54, 54) and "NOT applied (1)" in info
     assert "down_blocks_7_resnets_0_conv1" in caplog.text
 
 
 def test_text_encoder_layers_without_clip_are_reported(node, sd15, loras_dir):
     name = write(loras_dir, "no_clip.safetensors", lf.write_format("kohya", sd15["layers"]))
-    model, clip, info = node.load_lora(sd15["model"], name, 1.0)
+    model, clip, info, _ = node.load_lora(sd15["model"], name, 1.0)
     assert clip is None and "text encoder layers not applied: 12 (no CLIP connected)" in info
     assert info_count(info, "UNet layers patched") == (54, 54)
 
@@ -206,7 +207,7 @@ def test_info_names_format_family_and_preset(node, sd15, loras_dir):
     info = node.load_lora(sd15["model"], name, 1.0, sd15["clip"], 1.0)[2]
     assert "format: peft (keys under 'base_model.model.'); alpha: none (scale 1.0)" in info
     assert "architecture: SD1.x (cross-attention context 768); model: SD1.x" in info
-    assert "family: TCD LoRA (file name" in info and "steps 4-8, gamma 0.3, cfg 1.0" in info
+    assert "family: TCD (SD1.5 / SD2.1 / SDXL) (file name" in info and "4 steps (4-8), gamma 0.3, cfg 1," in info
     hyper = write(loras_dir, "Hyper-SD15-1step-lora.safetensors", lf.write_format("kohya", sd15["layers"]))
     assert "family: Hyper-SD 1-step unified" in node.load_lora(sd15["model"], hyper, 1.0)[2]
     plain = write(loras_dir, "style.safetensors", lf.write_format("kohya", sd15["layers"]))

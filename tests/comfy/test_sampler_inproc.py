@@ -1,5 +1,5 @@
 """The TCD sampler and scheduler inside a real ComfyUI 0.3.75 (imported in-process), on the tiny SD1.5 checkpoint
-and ComfyUI's own model_sampling classes."""
+and ComfyUI's own model_sampling classes. Flow models (SD3, Flux): test_flow_sampling.py."""
 import sys
 from pathlib import Path
 
@@ -72,6 +72,59 @@ def test_custom_sampler_nodes_match_ksampler_path(pack, sd15):
     assert torch.allclose(out["samples"], expected, atol=1e-6)
 
 
+def node_result(out):
+    """First output of a V1 node (a tuple) or of a V3 node (a NodeOutput)."""
+    return out[0] if isinstance(out, tuple) else out.result[0]
+
+
+def counting_unet_calls(model):
+    """A clone of the model whose UNet calls (the sigma each one sees) are recorded; at cfg 1.0 ComfyUI makes one
+    UNet call per model evaluation (no uncond batch)."""
+    calls = []
+    counted = model.clone()
+
+    def wrapper(apply_model, args):
+        calls.append(float(args["timestep"][0]))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+    counted.set_model_unet_function_wrapper(wrapper)
+    return counted, calls
+
+
+@pytest.mark.parametrize("node", ["SamplerCustom", "SamplerCustomAdvanced"])
+def test_tcd_sampler_node_second_order_costs_two_model_calls_per_step(pack, sd15, node):
+    """tcf_order 2 on the tiny SD1.5: 2 UNet calls per step, every one at a noise level of the model's own table
+    (the midpoints are snapped to it), and a different image than the paper's first-order sampler."""
+    import nodes
+    from tcd.sampling import sss_model_calls
+    model, cond, uncond = sd15
+    steps = 4
+    sigmas = nodes.NODE_CLASS_MAPPINGS["TCD_Scheduler"]().get_sigmas(model, steps, 1.0, 50, "comfyui")[0]
+    table = set(model.get_model_object("model_sampling").sigmas.float().tolist())
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    samples = {}
+    for order in (1, 2):
+        sampler = nodes.NODE_CLASS_MAPPINGS["TCD_Sampler"]().get_sampler(0.3, "", "diffusers", order)[0]
+        counted, calls = counting_unet_calls(model)
+        if node == "SamplerCustom":
+            out = nodes.NODE_CLASS_MAPPINGS["SamplerCustom"].execute(counted, True, 5, 1.0, cond, uncond, sampler,
+                                                                     sigmas, latent)
+        else:
+            noise = node_result(nodes.NODE_CLASS_MAPPINGS["RandomNoise"].execute(5))
+            guider = node_result(nodes.NODE_CLASS_MAPPINGS["CFGGuider"].execute(counted, cond, uncond, 1.0))
+            out = nodes.NODE_CLASS_MAPPINGS["SamplerCustomAdvanced"].execute(noise, guider, sampler, sigmas, latent)
+        samples[order] = node_result(out)["samples"]
+        assert len(calls) == steps * order == sss_model_calls(sigmas, order, "discrete")
+        assert all(sigma in table for sigma in calls), calls
+        assert torch.isfinite(samples[order]).all()
+    assert not torch.allclose(samples[1], samples[2], atol=1e-3)
+
+
+def test_tcf_order_is_checked_when_the_sampler_is_made(pack):
+    import nodes
+    with pytest.raises(ValueError, match=r"tcf_order=3 is not one of \(1, 2\)"):
+        nodes.NODE_CLASS_MAPPINGS["TCD_Sampler"]().get_sampler(0.3, "", "diffusers", 3)
+
+
 def test_img2img_and_inpainting_run(sd15):
     model, cond, uncond = sd15
     init = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -98,33 +151,6 @@ def test_parity_with_diffusers_using_comfy_model_sampling(pack, pred, steps, gam
 def comfy_sampler_fn(pack):
     import comfy.k_diffusion.sampling as kds
     return getattr(kds, "sample_" + pack.REGISTERED_NAMES["sampler"])
-
-
-def test_flow_const_model_samples_without_nan(pack):
-    """A tiny in-process flow (CONST, SD3-style) model: ComfyUI's ModelSamplingDiscreteFlow + CONST."""
-    import comfy.model_sampling as cms
-    import comfy.samplers
-    ms = type("MSFlow", (cms.ModelSamplingDiscreteFlow, cms.CONST), {})()
-    ms.set_parameters(shift=3.0)
-    sample_fn = comfy_sampler_fn(pack)
-    weight = torch.randn(4, 4, generator=torch.Generator().manual_seed(0)) * 0.3
-
-    class Wrapped:
-        class inner_model:
-            class inner_model:
-                model_sampling = ms
-
-        def __call__(self, x, sigma, **_):
-            v = torch.einsum("oc,bchw->bohw", weight, ms.calculate_input(sigma, x)).tanh()
-            return ms.calculate_denoised(sigma, v, x)
-
-    sigmas = comfy.samplers.calculate_sigmas(ms, "tcd", 4)
-    assert sigmas[0] == pytest.approx(1.0, abs=1e-3) and sigmas[-1] == 0
-    noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    for gamma in (0.0, 0.3, 1.0):
-        x = ms.noise_scaling(sigmas[0], noise, torch.zeros_like(noise), max_denoise=True)
-        out = sample_fn(Wrapped(), x, sigmas, extra_args={"seed": 1}, gamma=gamma, disable=True)
-        assert torch.isfinite(out).all()
 
 
 def test_lcm_patched_model_gets_a_clear_error(pack, sd15):

@@ -106,7 +106,7 @@ def test_saved_lora_is_canonical_and_core_loraloader_applies_every_layer(env, tr
     assert float((core_out - base_out).abs().max()) > 1e-3
     assert torch.allclose(node_out, core_out, atol=1e-5)       # the node's MODEL output is the saved LoRA
     if "TCD_LoraLoader" in nodes.NODE_CLASS_MAPPINGS:
-        m, _, info = nodes.NODE_CLASS_MAPPINGS["TCD_LoraLoader"]().load_lora(env["model"], trained["name"], 1.0)
+        m, _, info, _ = nodes.NODE_CLASS_MAPPINGS["TCD_LoraLoader"]().load_lora(env["model"], trained["name"], 1.0)
         print(info)
         assert len(m.patches) == len(bases)
         assert torch.allclose(ksample(m, cond), core_out, atol=1e-5)
@@ -233,3 +233,16 @@ def test_gradient_checkpointing_gives_the_same_lora_and_variants_run(env):
     up_key = next(k for k in plain if k.endswith("lora_up.weight"))
     assert read_lora(env["loras"] / "v_fp16file.safetensors")[0][up_key].dtype == torch.float16
     assert read_lora(env["loras"] / "v_lcm.safetensors")[1]["tcd.family"] == "LCM LoRA"
+
+
+@pytest.mark.parametrize("recipe", ["recommended", "paper", "custom"])
+def test_recipe_input_sets_the_objective_and_the_file_records_it(env, recipe):
+    """recipe = recommended / paper takes tcd.losses.RECIPES (whatever the custom widgets say); custom takes the
+    widgets; graphs without the input keep their widgets' meaning (tested by every other run here)."""
+    recipes = importlib.import_module(env["loop"].__name__.rsplit(".", 2)[0] + ".tcd.losses").RECIPES
+    name = f"recipe_{recipe}"
+    run_node(env, name, steps=2, recipe=recipe, rho=0.75, loss="l2", tcf_order=2)
+    _, meta = read_lora(env["loras"] / f"{name}.safetensors")
+    config = json.loads(meta["tcd.config"])
+    expected = recipes[recipe] if recipe != "custom" else {"rho": 0.75, "loss": "l2", "tcf_order": 2}
+    assert {k: config[k] for k in ("rho", "loss", "tcf_order")} == expected

@@ -3,7 +3,8 @@ allowed), leaves nothing partial in models/loras or output/, and the next prompt
 sampling and training mid-loop. A corrupt training checkpoint gives a clear error while the previous good LoRA
 stays usable, and a partial checkpoint write beside a good one does not stop a resume.
 
-Every message is written to benchmarks/results/bad_input_matrix.json; docs/bad_inputs.md lists them.
+Every message is recorded in benchmarks/results/bad_input_matrix.json (refreshed by `make docs-assets`; a plain run
+writes a temp copy); docs/bad_inputs.md lists them.
 """
 from __future__ import annotations
 
@@ -27,9 +28,11 @@ from safetensors.torch import save_file
 
 import comfyhost
 from support import graphs, lora_files
+from support.artifacts import artifact_path
 
 REPO = Path(__file__).resolve().parents[2]
-MATRIX_JSON = REPO / "benchmarks" / "results" / "bad_input_matrix.json"
+TRACKED_MATRIX = REPO / "benchmarks" / "results" / "bad_input_matrix.json"
+MATRIX_JSON = artifact_path(TRACKED_MATRIX)
 PREFIX = "hard_"                                    # every file this module puts in the server's folders
 NAN = float("nan")
 
@@ -351,14 +354,16 @@ def matrix():
     if not found:
         return
     try:
-        rows = {r["case"]: r for r in json.loads(MATRIX_JSON.read_text())["cases"]}
+        rows = {r["case"]: r for r in json.loads(TRACKED_MATRIX.read_text())["cases"]}
     except (OSError, ValueError, KeyError):
         rows = {}
     rows.update(found)
     order = [c.id for c in CASES] + sorted(k for k in rows if k not in {c.id for c in CASES})
     MATRIX_JSON.parent.mkdir(parents=True, exist_ok=True)
-    MATRIX_JSON.write_text(json.dumps({"comfyui": "0.3.75", "cases": [rows[k] for k in order if k in rows]},
-                                      indent=1, ensure_ascii=False) + "\n")
+    tmp = MATRIX_JSON.with_name(MATRIX_JSON.name + ".tmp")
+    tmp.write_text(json.dumps({"comfyui": "0.3.75", "cases": [rows[k] for k in order if k in rows]},
+                              indent=1, ensure_ascii=False) + "\n")
+    os.replace(tmp, MATRIX_JSON)
 
 
 # ------------------------------------------------------------------------------------------------ checks

@@ -57,7 +57,7 @@ def snapshot(server):
 def test_node_is_listed_with_tooltips_and_the_loras_folder(server, loras):
     info = server.get("/object_info/TCD_LoraLoader")["TCD_LoraLoader"]
     assert info["category"] == "loaders" and info["display_name"] == "TCD LoRA Loader"
-    assert info["output"] == ["MODEL", "CLIP", "STRING"]
+    assert info["output"] == ["MODEL", "CLIP", "STRING", "FEW_STEP_FAMILY"]
     req = info["input"]["required"]
     assert "good_diffusers.safetensors" in req["lora_name"][0]
     for spec in list(req.values()) + list(info["input"]["optional"].values()):

@@ -23,6 +23,9 @@ def test_object_info_lists_nodes_and_tcd_names(server):
     assert "tcd" in combo_options(info["BasicScheduler"]["input"]["required"]["scheduler"])
     gamma = info["TCD_Sampler"]["input"]["required"]["gamma"][1]
     assert gamma["min"] == 0.0 and gamma["max"] == 1.0 and gamma["default"] == 0.3 and gamma["tooltip"]
+    order = info["TCD_Sampler"]["input"]["optional"]["tcf_order"]
+    assert order[0] == "INT" and (order[1]["default"], order[1]["min"], order[1]["max"]) == (1, 1, 2)
+    assert "2 model calls per step" in order[1]["tooltip"]
     pack_lines = [ln for ln in server.log_tail(10 ** 6).splitlines() if ln.endswith("custom_nodes/comfyui-tcd-suite")]
     assert pack_lines and all("IMPORT FAILED" not in ln for ln in pack_lines), pack_lines
 
@@ -39,7 +42,7 @@ def test_ksampler_tcd_prompt_completes_and_png_is_fetched(server):
 
 
 def test_custom_advanced_with_tcd_nodes_completes(server):
-    out = server.run_prompt(graphs.tcd_custom_advanced(seed=102, gamma_schedule="0.5, 0.3"))
+    out = server.run_prompt(graphs.tcd_custom_advanced(seed=102, gamma_schedule="0.5, 0.3", tcf_order=2))
     assert png_size(out["images"][0]) == (64, 64)
 
 
@@ -86,3 +89,13 @@ def test_nan_gamma_in_api_prompt_is_refused(server):
     else:
         pytest.fail("a NaN gamma was accepted")
     assert server.alive()
+
+
+def test_few_step_preset_node_is_listed_with_every_family(server):
+    from tcd import presets
+    info = server.get("/object_info/TCD_FewStepPreset")["TCD_FewStepPreset"]
+    assert info["display_name"] == "Few-step Preset (TCD)"
+    assert info["output"] == ["SAMPLER", "SIGMAS", "FLOAT", "FLOAT", "FLOAT", "INT", "STRING"]
+    options = info["input"]["required"]["preset"][0]
+    assert options[0].startswith("auto") and options[1:] == [p.name for p in presets.PRESETS]
+    assert info["input"]["optional"]["family"][0] == "FEW_STEP_FAMILY"

@@ -16,7 +16,7 @@ def combo_options(spec):
 
 def test_there_are_workflows_for_every_use_case():
     expected = {"sd15_tcd_lora_txt2img", "sdxl_tcd_custom_advanced", "gamma_comparison", "img2img", "inpainting",
-                "hypersd_1step", "distill_tcd_lora", "train_then_sample"}
+                "hypersd_1step", "distill_tcd_lora", "train_then_sample", "sd3_tcd_txt2img", "flux_tcd_txt2img"}
     assert expected <= set(API), expected - set(API)
     assert set(API) == set(workflows.ui_workflows()), "each API workflow has its UI twin and vice versa"
     for name in API:
@@ -40,10 +40,21 @@ def test_workflow_validates_against_object_info(server, name):
                 assert value in options, f"{name} #{node_id} {key}={value!r} not in {options[:10]}"
 
 
+def lora_names(api):
+    return {n["inputs"]["lora_name"] for n in api.values() if "lora_name" in n["inputs"]}
+
+
 @pytest.fixture(scope="module")
-def tiny_inputs(server):
-    from support import lora_files
+def tiny_inputs(server, tiny_flow_models):
+    from support import flow_lora_files, lora_files
     lora = lora_files.write_tiny_sd15_lora(server.base / "models" / "loras" / "tiny_tcd_lora.safetensors")
+    # the flow workflows' LoRAs (Hyper-SD3 / Hyper-FLUX), written for the tiny models under the workflows' own
+    # names so the loader reads the family from them as it would from the real files
+    for name, kind in workflows.FLOW_KIND.items():
+        unet = tiny_flow_models["sd3_unet" if kind == "sd3" else "flux_unet"]
+        for lora_name in lora_names(API[name]):
+            flow_lora_files.write_tiny_lora(kind, unet, server.base / "models" / "loras" / lora_name,
+                                            naming="ldm" if kind == "sd3" else "diffusers")
     img = Image.new("RGBA", (64, 64), (120, 90, 60, 255))
     for x in range(32, 64):        # alpha 0 on the right half: LoadImage turns it into the inpainting mask
         for y in range(64):
@@ -61,7 +72,7 @@ def tiny_inputs(server):
 
 @pytest.mark.parametrize("name", sorted(API))
 def test_workflow_runs_headless_on_tiny_models(server, tiny_inputs, name):
-    graph = workflows.for_tiny_models(API[name], lora=tiny_inputs["lora"])
+    graph = workflows.for_tiny_models(API[name], lora=tiny_inputs["lora"], kind=workflows.FLOW_KIND.get(name, "sd15"))
     result = server.run_prompt(graph, timeout=600)
     assert result["images"], f"{name}: no image came back"
     for png in result["images"]:

@@ -18,14 +18,14 @@ def txt2img(ckpt="tiny_sd15.safetensors", steps=4, size=64, sampler="tcd", sched
 
 
 def tcd_custom_advanced(ckpt="tiny_sd15.safetensors", steps=4, size=64, gamma=0.3, seed=1, cfg=1.0,
-                        denoise=1.0, original_steps=50, gamma_schedule="", prefix="tcd_adv"):
+                        denoise=1.0, original_steps=50, gamma_schedule="", prefix="tcd_adv", tcf_order=1):
     return {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": ckpt}},
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a cat", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "", "clip": ["1", 1]}},
         "4": {"class_type": "EmptyLatentImage", "inputs": {"width": size, "height": size, "batch_size": 1}},
         "10": {"class_type": "TCD_Sampler", "inputs": {"gamma": gamma, "gamma_schedule": gamma_schedule,
-                                                       "final_step": "diffusers"}},
+                                                       "final_step": "diffusers", "tcf_order": tcf_order}},
         "11": {"class_type": "TCD_Scheduler", "inputs": {"model": ["1", 0], "steps": steps, "denoise": denoise,
                                                          "original_steps": original_steps,
                                                          "denoise_mode": "comfyui"}},

@@ -6,7 +6,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = REPO / "workflows"
 SEED_KEYS = {"seed", "noise_seed"}
-MODEL_KEYS = {"ckpt_name", "lora_name", "unet_name", "vae_name", "clip_name"}
+MODEL_KEYS = {"ckpt_name", "lora_name", "unet_name", "vae_name", "clip_name", "clip_name1", "clip_name2"}
+# Which tiny model a workflow runs on in the tests (default: the tiny SD1.5 checkpoint).
+FLOW_KIND = {"sd3_tcd_txt2img": "sd3", "flux_tcd_txt2img": "flux"}
+SIZE_NODES = {"EmptyLatentImage", "EmptySD3LatentImage", "ModelSamplingFlux"}
 
 
 def api_workflows():
@@ -27,16 +30,27 @@ def normalised(api):
     return out
 
 
-def for_tiny_models(api, ckpt="tiny_sd15.safetensors", lora=None, image="example.png", size=64, train_steps=3):
-    """The same graph on the tiny SD1.5 test models: model names, image sizes and training length substituted."""
+def for_tiny_models(api, ckpt="tiny_sd15.safetensors", lora=None, image="example.png", size=64, train_steps=3,
+                    kind="sd15"):
+    """The same graph on the tiny test models: model names, image sizes and training length substituted. kind
+    "sd3": the tiny SD3 checkpoint; "flux": the tiny Flux (through the test-only TCDTest_TinyFluxLoader, as
+    ComfyUI's detection refuses tiny Flux files), CLIP-L as its text encoder (T5-XXL cannot be tiny) and the
+    16-channel TAESD. LoRA names of flow workflows are kept: the tests write tiny LoRAs under those names."""
     g = copy.deepcopy(api)
     for node in g.values():
         inputs = node["inputs"]
         if "ckpt_name" in inputs:
-            inputs["ckpt_name"] = ckpt
-        if "lora_name" in inputs and lora is not None and not isinstance(inputs["lora_name"], list):
+            inputs["ckpt_name"] = "tiny_sd3.safetensors" if kind == "sd3" else ckpt
+        if "lora_name" in inputs and lora is not None and kind == "sd15" and not isinstance(inputs["lora_name"], list):
             inputs["lora_name"] = lora
-        if node["class_type"] == "EmptyLatentImage":
+        if node["class_type"] == "UNETLoader" and kind == "flux":
+            node.update(class_type="TCDTest_TinyFluxLoader", inputs={"unet_name": "tiny_flux.safetensors"})
+        if node["class_type"] == "DualCLIPLoader" and kind == "flux":
+            node.update(class_type="CLIPLoader", inputs={"clip_name": "tiny_clip_l.safetensors",
+                                                         "type": "stable_diffusion"})
+        if node["class_type"] == "VAELoader" and kind == "flux":
+            inputs["vae_name"] = "tiny_taesd16.safetensors"
+        if node["class_type"] in SIZE_NODES:
             inputs["width"] = inputs["height"] = size
         if node["class_type"] == "LoadImage":
             inputs["image"] = image

@@ -1,7 +1,7 @@
 """Every UI-format example workflow loads in ComfyUI's real frontend (Debian chromium driven by playwright-core)
 with zero missing nodes and zero page errors; the frontend's own API conversion (graphToPrompt) equals the
 matching workflows/api file up to seeds and model names; /workflow_templates lists them. The screenshots it takes
-are the README's (docs/screenshots/)."""
+are the README's (docs/screenshots/): `make docs-assets` refreshes them, a plain run writes them to a temp folder."""
 import json
 import os
 import subprocess
@@ -10,9 +10,10 @@ from pathlib import Path
 import pytest
 
 from support import workflows
+from support.artifacts import artifact_path
 
 REPO = Path(__file__).resolve().parents[2]
-SHOTS = REPO / "docs" / "screenshots"
+SHOTS = artifact_path(REPO / "docs" / "screenshots")
 
 
 @pytest.fixture(scope="module")

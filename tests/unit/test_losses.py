@@ -83,12 +83,12 @@ def test_draws_are_on_the_skip_grid_with_s_at_most_t_n_and_reproducible():
     stats = loss.last_stats
     assert a == run(loss, m, m, x0, seed=5)
     assert a != run(loss, m, m, x0, seed=6)
-    t, t_n, s = (torch.tensor(stats[k]) for k in ("t", "t_n", "s"))
+    t, t_n, s = (stats[k] for k in ("t", "t_n", "s"))
     assert torch.all((t + 1) % 20 == 0) and t.min() >= 19 and t.max() <= 999
     assert torch.all(t_n == (t - 20).clamp(min=0))
     assert torch.all(s <= t_n) and torch.all(s >= 0) and torch.all((s == 0) | ((s + 1) % 20 == 0))
     assert len(set(s.tolist())) > 10                     # s really varies
-    w = torch.tensor(stats["w"])
+    w = stats["w"]
     assert w.min() >= 3.0 and w.max() <= 15.0
 
 
@@ -161,3 +161,70 @@ def test_distance_l2_and_pseudo_huber():
 def test_bad_constructor_arguments_say_what_is_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TCDLoss(ABAR, **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------ recipe options
+def draws(loss, n=4000, seed=3, per_sample=False):
+    x0 = torch.zeros(n, 2)
+    if per_sample:
+        return loss.draw(x0, [torch.Generator().manual_seed(seed * 100000 + i) for i in range(n)])
+    return loss.draw(x0, torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.25, 0.5, 1.0])
+def test_target_time_is_zero_with_probability_rho_plus_the_uniform_share(rho):
+    """s ~ rho delta_0 + (1 - rho) U{grid points <= t_n}: P(s = 0) = rho + (1 - rho) E[1 / (j + 1)], j ~ U{0..49}."""
+    index, end_index, _, _ = draws(TCDLoss(ABAR, rho=rho), n=20000)
+    expected = rho + (1 - rho) * sum(1 / (j + 1) for j in range(50)) / 50
+    observed = float((end_index == 0).double().mean())
+    se = (expected * (1 - expected) / 20000) ** 0.5
+    assert abs(observed - expected) < 4 * se + 1e-12
+    # the rest stays uniform on 1..j: given s != 0, end_index / j has mean (j + 1) / (2 j) on average
+    if rho < 1:
+        nz = end_index > 0
+        assert torch.all(end_index[nz] <= index[nz])
+
+
+def test_lcm_and_tcd_at_any_rho_consume_the_generator_identically():
+    """Paired comparisons need the same t, noise and w for every objective trained with one seed."""
+    ref = draws(LCMLoss(ABAR))
+    for loss in (TCDLoss(ABAR), TCDLoss(ABAR, rho=0.5), TCDLoss(ABAR, rho=1.0, tcf_order=2)):
+        got = draws(loss)
+        for k in (0, 2, 3):                        # grid index, noise, w
+            assert torch.equal(got[k], ref[k])
+
+
+def test_per_sample_generators_give_the_same_draws_however_the_batch_is_split():
+    loss = TCDLoss(ABAR, rho=0.5)
+    gens = lambda idx: [torch.Generator().manual_seed(1000 + i) for i in idx]   # noqa: E731
+    x0 = torch.zeros(6, 4, 2, 2)
+    whole = loss.draw(x0, gens(range(6)))
+    parts = [loss.draw(x0[:1], gens([0])), loss.draw(x0[1:4], gens([1, 2, 3])), loss.draw(x0[4:], gens([4, 5]))]
+    for w, *p in zip(whole, *parts):
+        assert torch.equal(w, torch.cat(p))
+    with pytest.raises(ValueError, match="one per sample"):
+        loss.draw(x0, gens(range(5)))
+
+
+def test_per_sample_pseudo_huber_is_ict_formula():
+    """iCT: d(a, b) = sqrt(||a - b||^2 + c^2) - c per sample, c = 0.00054 sqrt(d), averaged over the batch."""
+    a = torch.zeros(2, 4, 5, 5)
+    b = torch.zeros(2, 4, 5, 5)
+    b[0, 0, 0, 0], b[1] = 3.0, 0.1
+    c = 0.00054 * 100 ** 0.5
+    per_sample = [(9 + c * c) ** 0.5 - c, (100 * 0.01 + c * c) ** 0.5 - c]
+    assert float(distance(a, b, "huber_sample")) == pytest.approx(sum(per_sample) / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("rho", [-0.1, 1.5, "0.5", float("nan")])
+def test_bad_rho_says_what_is_allowed(rho):
+    with pytest.raises(ValueError, match="rho"):
+        TCDLoss(ABAR, rho=rho)
+
+
+def test_recipes_are_valid_objectives():
+    from tcd.losses import RECIPES
+    assert set(RECIPES) >= {"paper", "recommended"}
+    assert RECIPES["paper"] == {"rho": 0.0, "loss": "huber", "tcf_order": 1}
+    for recipe in RECIPES.values():
+        TCDLoss(ABAR, **recipe)

@@ -41,7 +41,7 @@ def test_published_schedules():
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8, 25, 50, 100])
 def test_thousand_step_grid_is_diffusers_explicit_original_steps(steps):
-    # diffusers switches to every timestep whenever original_inference_steps is passed (TCD_SPEC §1.2)
+    # diffusers switches to every timestep whenever original_inference_steps is passed
     assert tcd_timesteps(steps, original_steps=1000) == diffusers_timesteps(steps, original_steps=1000)
     assert tcd_timesteps(4, original_steps=1000) == [999, 749, 499, 249]
 
@@ -88,7 +88,7 @@ def test_schedule_table_matches_diffusers_alphas():
 
 
 def test_sigma_s_floor_is_float32_like_diffusers():
-    # (t, gamma) = (500, 0.07): float32 and float64 products floor differently (TCD_SPEC §6.3)
+    # (t, gamma) = (500, 0.07): float32 and float64 products floor differently
     table = DiscreteSchedule.from_alphas_cumprod(vp_alphas_cumprod())
     t_s = int(torch.floor((1 - 0.07) * torch.tensor(500)).long())
     assert table.sigma_s(table.sigma_at(500), 0.07) == pytest.approx(table.sigma_at(t_s), rel=0, abs=0)
