@@ -12,13 +12,21 @@ import time
 import torch
 
 
-def objective_settings(objective: str, teacher_cfg: float) -> dict:
-    """The recipe's objective inputs (the node's defaults: 50-step skipping grid, first-order TCF, EMA target 0.95,
-    pseudo-Huber distance) with the guidance fixed at the teacher's CFG: the student, sampled at cfg 1, is to
-    reproduce the teacher sampled at that CFG (w = cfg - 1 in the objective's x_c + w (x_c - x_u))."""
+def objective_settings(objective: str, teacher_cfg: float, recipe: str = "recommended") -> dict:
+    """The objective inputs of the node's defaults (50-step skipping grid, EMA target 0.95, recipe "recommended":
+    rho 0.5, pseudo-Huber distance, first-order TCF; tcd/losses.py RECIPES) with the guidance fixed at the teacher's
+    CFG: the student, sampled at cfg 1, is to reproduce the teacher sampled at that CFG (w = cfg - 1 in the
+    objective's x_c + w (x_c - x_u)).
+
+    `recipe` is passed explicitly: a call without it means "custom" (graphs saved before the input existed), which
+    with these tcf_order / loss and the rho input's default 0 would train the paper's recipe instead. tcf_order and
+    loss are required inputs of the node, so they are given too (the recipe's own values); rho is the shipped
+    workflow's widget value, unused unless recipe is "custom"."""
+    from tcd.losses import RECIPES
     w = float(teacher_cfg) - 1.0
-    return dict(objective=objective, w_min=w, w_max=w, original_steps=50, tcf_order=1, ema_decay=0.95,
-                loss="huber")
+    chosen = RECIPES.get(recipe, RECIPES["paper"])
+    return dict(objective=objective, w_min=w, w_max=w, original_steps=50, tcf_order=chosen["tcf_order"],
+                ema_decay=0.95, loss=chosen["loss"], recipe=recipe, rho=chosen["rho"])
 
 
 def run_node(teacher, latents: list, conditionings: list, negative, objective: dict, budget: dict,

@@ -243,6 +243,7 @@ def summary_markdown(results: dict) -> str:
     train = t.get("train", {})
     runs = results["distill"]
     budget = cfg["budget"]
+    tcd_inputs = runs["tcd"].get("inputs", {})
     lines = [
         "# Does the TCD Distill LoRA node work? End to end in ComfyUI (measured)",
         "",
@@ -263,7 +264,9 @@ def summary_markdown(results: dict) -> str:
         "**Students**: the TCD Distill LoRA node's own function, called as the executor calls it, on LATENT + "
         "CONDITIONING lists from core Load Training Dataset; objective `tcd` and `lcm` at the same budget "
         f"({budget['steps']} steps x batch {budget['batch_size']}, lr {budget['learning_rate']:g}, rank "
-        f"{budget['rank']}, the recipe's EMA target 0.95, pseudo-Huber distance, 50-step grid, guidance w = cfg - 1 "
+        f"{budget['rank']}, recipe `{tcd_inputs.get('recipe', 'custom')}` (rho {tcd_inputs.get('rho', 0):g}, "
+        f"{tcd_inputs.get('loss', 'huber')} distance, TCF order {tcd_inputs.get('tcf_order', 1)}), EMA target "
+        f"{tcd_inputs.get('ema_decay', 0.95):g}, 50-step grid, guidance w = cfg - 1 "
         f"= {cfg['teacher_cfg'] - 1:g}). Training time through the node: TCD {runs['tcd']['wall_s'] / 60:.1f} min "
         f"wall / {runs['tcd']['cpu_s'] / 60:.1f} min CPU, LCM {runs['lcm']['wall_s'] / 60:.1f} min wall / "
         f"{runs['lcm']['cpu_s'] / 60:.1f} min CPU.",
