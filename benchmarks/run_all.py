@@ -1,7 +1,9 @@
 """`make bench`: run every benchmark, each in its own subprocess, then print a summary.
 
 Runs each `benchmarks/*.py` script that defines a top-level `main()` (this file excepted), calling its `main()`,
-and the toy-scale paper reproduction (`python -m benchmarks.paper_toy.run`). A failing benchmark does not stop the
+the toy-scale paper reproduction (`python -m benchmarks.paper_toy.run`) and the end-to-end efficacy benchmark
+(`python -m benchmarks.efficacy.run`: the trainer node on a teacher trained in ComfyUI's classes; the teacher is
+trained once and cached). A failing benchmark does not stop the
 others; the exit status is non-zero if any failed. Results land in `benchmarks/results/`.
 """
 from __future__ import annotations
@@ -38,13 +40,14 @@ def has_main(path: Path) -> bool:
 
 
 def discover() -> list[tuple[str, list[str]]]:
-    """(name, command) of every benchmark, scripts first (sorted), then the paper reproduction."""
+    """(name, command) of every benchmark, scripts first (sorted), then the paper reproduction and efficacy."""
     jobs = []
     for path in sorted(BENCH_DIR.glob("*.py")):
         if path.resolve() == Path(__file__).resolve() or path.name.startswith("_") or not has_main(path):
             continue
         jobs.append((path.name, [sys.executable, "-c", CALL_MAIN.format(stem=path.stem, path=str(path))]))
     jobs.append(("paper_toy", [sys.executable, "-m", "benchmarks.paper_toy.run"]))
+    jobs.append(("efficacy", [sys.executable, "-m", "benchmarks.efficacy.run"]))
     return jobs
 
 

@@ -103,6 +103,14 @@ def main():
                       "scheduler": "tcd", "checkpoint": ckpt_name, "lora": lora_name,
                       "prompt_seconds": round(result["seconds"], 2), "total_seconds": round(time.time() - t0, 2)}))
     print(f"wrote {out}")
+    if not a.ckpt:
+        # A trained model that ComfyUI's loaders open (an SD1.5-shaped, 320-channel UNet plus a trained TAESD) costs
+        # hours of CPU to train (measured in benchmarks/results/efficacy/summary.md), so the embedded model stays
+        # random; the trainer's real pictures are the efficacy benchmark's.
+        grid = REPO / "benchmarks" / "results" / "efficacy" / "grid.png"
+        print(f"the embedded model has random weights, so this image is noise: it shows the whole path runs. Real "
+              f"samples (a teacher trained in ComfyUI's classes, its TCD / LCM LoRAs from the trainer node, 1-8 "
+              f"steps): {grid} and {grid.with_name('summary.md')}")
 
 
 if __name__ == "__main__":
