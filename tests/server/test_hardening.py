@@ -135,6 +135,9 @@ def write_bad_files(loras: Path, inputs: Path, ckpt: Path) -> None:
     nan = {k: v.clone() for k, v in good.items()}
     nan["unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora.up.weight"][0, 0] = NAN
     save_file(nan, str(loras / f"{PREFIX}nan.safetensors"))
+    # Layers without alpha keys take their scale from diffusers' saved LoraConfig; here it is not JSON.
+    save_file(good, str(loras / f"{PREFIX}bad_metadata.safetensors"),
+              metadata={"format": "pt", "lora_adapter_metadata": "{'r': 4, 'lora_alpha': 4"})
     (loras / f"{PREFIX}blocker").write_text("a file where the trainer would need a folder\n")
 
     def folder(name, images=(), captions=()):
@@ -295,6 +298,9 @@ CASES = [
          "failed", "TCD_LoraLoader", ("1 of 8 layers", "down_blocks_3_resnets_0_conv1", "'warn'")),
     Case("lora_nan_weights", "LoRA with a NaN weight", lambda: lora_graph(f"{PREFIX}nan.safetensors"),
          "failed", "TCD_LoraLoader", ("NaN or infinite values", "attn1_to_q")),
+    Case("lora_bad_adapter_metadata", "PEFT LoRA whose lora_adapter_metadata is not JSON (its layers need it)",
+         lambda: lora_graph(f"{PREFIX}bad_metadata.safetensors"),
+         "failed", "TCD_LoraLoader", ("lora_adapter_metadata of", "cannot be used", "fix or remove that metadata")),
     Case("lora_name_escapes", "lora_name '../escape.safetensors'", lambda: lora_graph("../escape.safetensors"),
          "rejected", "TCD_LoraLoader", ("Value not in list", "lora_name")),
     # --- trainer
@@ -309,13 +315,13 @@ CASES = [
          "failed", "TCD_DistillLoRA", ("no training latents", "image_folder")),
     Case("train_unreadable_image", "an image file that cannot be decoded",
          lambda: train_graph(PREFIX + "t", folder=PREFIX + "broken"),
-         "failed", "TCD_DistillLoRA", ("cannot read image 'broken.png'", "Replace or remove")),
+         "failed", "TCD_DistillLoRA", ("cannot read training image 'broken.png'", "Replace or remove")),
     Case("train_caption_missing", "an image without a caption file",
          lambda: train_graph(PREFIX + "t", folder=PREFIX + "nocaption"),
          "failed", "TCD_DistillLoRA", ("no caption file", "lonely.png", "lonely.txt")),
     Case("train_caption_not_utf8", "a caption that is not UTF-8",
          lambda: train_graph(PREFIX + "t", folder=PREFIX + "latin1"),
-         "failed", "TCD_DistillLoRA", ("'a.txt' is not UTF-8",)),
+         "failed", "TCD_DistillLoRA", ("caption 'a.txt'", "is not UTF-8 text")),
     Case("train_corrupt_checkpoint", "resume from a cut-off training checkpoint (zip header only)",
          lambda: train_graph(PREFIX + "corrupt"), "failed", "TCD_DistillLoRA",
          ("hard_corrupt.state.pt", "cannot be read", "turn resume off"),

@@ -135,7 +135,7 @@ def test_bad_inputs_give_clear_errors_and_the_server_keeps_serving(server, datas
     (uncaptioned / "broken.txt").write_text("broken")
     with pytest.raises(comfyhost.PromptFailed) as failed:
         server.run_prompt(train_graph("bad", folder="uncaptioned"))
-    assert "cannot read image 'broken.png'" in failed.value.error["exception_message"]
+    assert "cannot read training image 'broken.png'" in failed.value.error["exception_message"]
 
     assert not (server.base / "models" / "loras" / "bad.safetensors").exists()
     assert server.run_prompt(graphs.txt2img(seed=5, prefix="still_serving"))["images"]
