@@ -269,3 +269,28 @@ class LCMLoss(_ConsistencyDistillation):
 def _float_out(model: Model) -> Model:
     """Model outputs in float32, so low-precision (bf16/fp16) passes meet the TCF arithmetic in fp32."""
     return lambda x, t, cond: model(x, t, cond).float()
+
+
+# ----------------------------------------------------------------------------------------------- shared by both trainers
+OBJECTIVES = ("tcd", "lcm")
+
+
+def make_objective(objective: str, alphas_cumprod: torch.Tensor, *, original_steps: int, w_min: float, w_max: float,
+                   loss: str, huber_c: float, prediction_type: str, tcf_order: int, rho: float):
+    """The distillation objective both trainers use: TCDLoss, or the LCMLoss baseline (which has no target time,
+    so tcf_order and rho do not apply to it)."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective={objective!r} is not one of {OBJECTIVES}: 'tcd' trains TCD, 'lcm' the LCM "
+                         f"baseline")
+    common = dict(original_steps=original_steps, w_min=w_min, w_max=w_max, loss=loss, huber_c=huber_c,
+                  prediction_type=prediction_type)
+    if objective == "lcm":
+        return LCMLoss(alphas_cumprod, **common)
+    return TCDLoss(alphas_cumprod, tcf_order=tcf_order, rho=rho, **common)
+
+
+@torch.no_grad()
+def ema_update_(shadow: torch.Tensor, online: torch.Tensor, decay: float) -> None:
+    """theta^- <- decay theta^- + (1 - decay) theta, in place: the target network's EMA of diffusers' LCM
+    distillation scripts (`update_ema`), written as a lerp towards the online weights."""
+    shadow.lerp_(online.to(shadow.dtype), 1.0 - decay)

@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--random_flip", action="store_true", help="horizontal flip with probability 0.5")
     g.add_argument("--dataloader_num_workers", type=int, default=2)
     g = p.add_argument_group("distillation (tcd.losses)")
-    g.add_argument("--objective", choices=("tcd", "lcm"), default="tcd", help="tcd, or the lcm baseline")
+    g.add_argument("--objective", choices=tcd_losses.OBJECTIVES, default="tcd", help="tcd, or the lcm baseline")
     g.add_argument("--original_steps", type=int, default=50, help="skipping grid N (teacher jump k = T // N)")
     g.add_argument("--w_min", type=float, default=3.0, help="guidance scale range of the teacher (w ~ U[w_min, w_max])")
     g.add_argument("--w_max", type=float, default=15.0)
@@ -487,12 +487,11 @@ def apply_recipe(args) -> None:
 
 
 def _make_objective(args, alphas_cumprod, prediction_type):
-    common = dict(original_steps=args.original_steps, w_min=args.w_min, w_max=args.w_max, loss=args.loss,
-                  huber_c=args.huber_c, prediction_type=prediction_type)
-    # tcd.losses takes one generator per sample (a list), so the draws never depend on how a batch is split.
-    if args.objective == "lcm":
-        return tcd_losses.LCMLoss(alphas_cumprod, **common)
-    return tcd_losses.TCDLoss(alphas_cumprod, tcf_order=args.tcf_order, rho=args.rho, **common)
+    """tcd.losses.make_objective, as the node builds it; it takes one generator per sample (a list), so the draws
+    never depend on how a batch is split."""
+    return tcd_losses.make_objective(args.objective, alphas_cumprod, original_steps=args.original_steps,
+                                     w_min=args.w_min, w_max=args.w_max, loss=args.loss, huber_c=args.huber_c,
+                                     prediction_type=prediction_type, tcf_order=args.tcf_order, rho=args.rho)
 
 
 # ================================================================================================ models
@@ -560,7 +559,7 @@ class LoraEMA:
     @torch.no_grad()
     def update(self, named_params):
         for n, p in named_params:
-            self.shadow[n].mul_(self.decay).add_(p.detach().float(), alpha=1 - self.decay)
+            tcd_losses.ema_update_(self.shadow[n], p.detach(), self.decay)
 
     def state_dict(self):
         return {"decay": self.decay, "shadow": {n: t.cpu() for n, t in self.shadow.items()}}

@@ -33,13 +33,13 @@ import torch
 from ..tcd import backend
 from ..tcd.lora_targets import is_lora_target
 from ..tcd.schedule import alphas_cumprod_from_sigmas, vp_to_ve_scale
-from ..tcd.losses import RECIPES, LCMLoss, TCDLoss
+from ..tcd.losses import OBJECTIVES, RECIPES, ema_update_
+from ..tcd.losses import make_objective as tcd_make_objective
 from .checkpoint import config_differences, load_state, save_state
 from .dataset import TrainingData
 
 log = logging.getLogger(__name__)
 
-OBJECTIVES = ("tcd", "lcm")
 VALIDATION_SEED_OFFSET = 1_000_003      # validation draws: a generator of their own, seeded from the run's seed
 VALIDATION_MIN_SAMPLES = 8              # samples per validation draw (at least), in batches of the training size
 GLOBAL_STREAM_OFFSET = 2_000_003        # torch's global CPU stream inside a run (forked: the server's is untouched)
@@ -166,8 +166,8 @@ class SwitchableLoRA(torch.nn.Module):
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
         if self.ema_up is not None:
-            self.ema_up.lerp_(self.up, 1.0 - decay)
-            self.ema_down.lerp_(self.down, 1.0 - decay)
+            ema_update_(self.ema_up, self.up, decay)
+            ema_update_(self.ema_down, self.down, decay)
 
     def passive_memory_usage(self) -> int:
         return sum(t.numel() * t.element_size() for t in list(self.parameters()) + list(self.buffers()))
@@ -328,11 +328,10 @@ class Batches:
 
 # ----------------------------------------------------------------------------------------------- the loop
 def make_objective(cfg: DistillConfig, alphas_cumprod: torch.Tensor):
-    common = dict(original_steps=cfg.original_steps, w_min=cfg.w_min, w_max=cfg.w_max, loss=cfg.loss,
-                  huber_c=cfg.huber_c, prediction_type="sample")
-    if cfg.objective == "lcm":
-        return LCMLoss(alphas_cumprod, **common)
-    return TCDLoss(alphas_cumprod, tcf_order=cfg.tcf_order, rho=cfg.rho, **common)
+    """tcd.losses.make_objective on x0 predictions (ComfyModelFn returns the denoised x0)."""
+    return tcd_make_objective(cfg.objective, alphas_cumprod, original_steps=cfg.original_steps, w_min=cfg.w_min,
+                              w_max=cfg.w_max, loss=cfg.loss, huber_c=cfg.huber_c, prediction_type="sample",
+                              tcf_order=cfg.tcf_order, rho=cfg.rho)
 
 
 def numeric_config(cfg: DistillConfig, data_fp: str, model_fp: str) -> dict:

@@ -228,3 +228,27 @@ def test_recipes_are_valid_objectives():
     assert RECIPES["paper"] == {"rho": 0.0, "loss": "huber", "tcf_order": 1}
     for recipe in RECIPES.values():
         TCDLoss(ABAR, **recipe)
+
+
+def test_make_objective_builds_what_both_trainers_train():
+    from tcd.losses import LCMLoss, TCDLoss, make_objective
+    from tcd.schedule import vp_alphas_cumprod
+    kw = dict(original_steps=50, w_min=3.0, w_max=15.0, loss="huber", huber_c=0.001, prediction_type="epsilon",
+              tcf_order=2, rho=0.5)
+    tcd = make_objective("tcd", vp_alphas_cumprod(), **kw)
+    assert isinstance(tcd, TCDLoss) and tcd.tcf_order == 2 and tcd.rho == 0.5
+    assert isinstance(make_objective("lcm", vp_alphas_cumprod(), **kw), LCMLoss)
+    with pytest.raises(ValueError, match=r"objective='sds' is not one of \('tcd', 'lcm'\)"):
+        make_objective("sds", vp_alphas_cumprod(), **kw)
+
+
+def test_ema_update_is_the_lcm_scripts_formula():
+    """theta^- <- decay theta^- + (1 - decay) theta (diffusers' update_ema), up to float rounding."""
+    from tcd.losses import ema_update_
+    g = torch.Generator().manual_seed(0)
+    shadow, online = torch.randn(5, 3, generator=g), torch.randn(5, 3, generator=g)
+    expected = 0.95 * shadow + 0.05 * online
+    ema_update_(shadow, online, 0.95)
+    torch.testing.assert_close(shadow, expected, rtol=0, atol=4 * torch.finfo(torch.float32).eps * 4)
+    ema_update_(shadow, online, 0.0)                  # decay 0: the target is the online weights
+    assert torch.equal(shadow, online)
