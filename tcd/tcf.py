@@ -76,14 +76,6 @@ def tcf_first_order(x0_hat: torch.Tensor, eps_hat: torch.Tensor, alpha_s: torch.
     return alpha_s * x0_hat + sigma_s * eps_hat
 
 
-def tcf_first_order_ei(x_t: torch.Tensor, x0_hat: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor,
-                       alpha_s: torch.Tensor, sigma_s: torch.Tensor) -> torch.Tensor:
-    """The same first-order TCF in the paper's exponential-integrator form:
-    (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) x0_hat."""
-    h = half_log_snr(alpha_s, sigma_s) - half_log_snr(alpha_t, sigma_t)
-    return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(-h) * x0_hat
-
-
 # ----------------------------------------------------------------------------------------------- TCF, second order
 def tcf_second_order(x_t: torch.Tensor, x0_t: torch.Tensor, x0_u: torch.Tensor,
                      alpha_t: torch.Tensor, sigma_t: torch.Tensor, alpha_u: torch.Tensor, sigma_u: torch.Tensor,

@@ -6,10 +6,17 @@ import torch
 from diffusers import TCDScheduler
 
 from tcd.schedule import vp_alphas_cumprod
-from tcd.tcf import (midpoint_timesteps, tcf_first_order, tcf_first_order_ei, trajectory_consistency_function,
+from tcd.tcf import (half_log_snr, midpoint_timesteps, tcf_first_order, trajectory_consistency_function,
                      vp_alpha_sigma, x0_eps_from_output, x0_fn_from_model)
 
 ABAR = vp_alphas_cumprod()
+
+
+def tcf_first_order_ei(x_t, x0_hat, alpha_t, sigma_t, alpha_s, sigma_s):
+    """Reference: the paper's exponential-integrator form of the first-order TCF,
+    (sigma_s / sigma_t) x_t - alpha_s (e^{-h} - 1) x0_hat, h = lambda_s - lambda_t."""
+    h = half_log_snr(alpha_s, sigma_s) - half_log_snr(alpha_t, sigma_t)
+    return (sigma_s / sigma_t) * x_t - alpha_s * torch.expm1(-h) * x0_hat
 
 
 def net(x, t, cond=None):
