@@ -72,6 +72,15 @@ class Preset:
         return dict(self.cfg_by_steps).get(int(steps), self.cfg)
 
 
+def _pcm_sources(cfg_source: str) -> dict:
+    """The PCM card's sources, shared by its small- and normal-CFG LoRAs; only the cfg quote differs."""
+    return {"steps": SRC_PCM + ": 'The name of each LoRA weights indicates how many inference steps'",
+            "gamma": SRC_PCM + ": 'Use DDIM or Euler instead of LCM ... timestep_spacing=\"trailing\"'",
+            "final_step": SRC_PCM + ": 'set_alpha_to_one = False'",
+            "cfg": cfg_source,
+            "lora_strength": PACK + ": 1.0 (the card gives no scale)"}
+
+
 PRESETS = (
     Preset("tcd", "TCD (SD1.5 / SD2.1 / SDXL)", (ARCH_SD1, ARCH_SD2, ARCH_SDXL), 4, (4, 8), 0.3, 50, "diffusers",
            1.0, 1.0, "diffusers TCDScheduler, eta 0.3", "exact (diffusers parity, tests/comfy/test_sampler_inproc.py)",
@@ -123,21 +132,13 @@ PRESETS = (
            1000, "diffusers", 1.0, 1.0,
            "diffusers DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False) or Euler",
            "exact for 2/4/8 steps; 16 steps: trailing timesteps differ by at most 1",
-           {"steps": SRC_PCM + ": 'The name of each LoRA weights indicates how many inference steps'",
-            "gamma": SRC_PCM + ": 'Use DDIM or Euler instead of LCM ... timestep_spacing=\"trailing\"'",
-            "final_step": SRC_PCM + ": 'set_alpha_to_one = False'",
-            "cfg": SRC_PCM + ": 'SmallCFG ... CFG value 1-2' (1.0, the low end: no CFG)",
-            "lora_strength": PACK + ": 1.0 (the card gives no scale)"}),
+           _pcm_sources(SRC_PCM + ": 'SmallCFG ... CFG value 1-2' (1.0, the low end: no CFG)")),
     Preset("pcm-normalcfg", "PCM normal-CFG (SD1.5 / SDXL, 2/4/8/16-step)", (ARCH_SD1, ARCH_SDXL), 8, (2, 16), 0.0,
            1000, "diffusers", 4.5, 1.0,
            "diffusers DDIMScheduler(timestep_spacing='trailing', set_alpha_to_one=False) with CFG",
            "exact for 2/4/8 steps; 16 steps: trailing timesteps differ by at most 1",
-           {"steps": SRC_PCM + ": 'The name of each LoRA weights indicates how many inference steps'",
-            "gamma": SRC_PCM + ": 'Use DDIM or Euler instead of LCM ... timestep_spacing=\"trailing\"'",
-            "final_step": SRC_PCM + ": 'set_alpha_to_one = False'",
-            "cfg": SRC_PCM + ": 'CFG 2.5 - 3.5 with 4 four steps and ... CFG 3 - 6 with 8 steps' (midpoints 3.0 / "
-                   "4.5; other step counts use 4.5)",
-            "lora_strength": PACK + ": 1.0 (the card gives no scale)"},
+           _pcm_sources(SRC_PCM + ": 'CFG 2.5 - 3.5 with 4 four steps and ... CFG 3 - 6 with 8 steps' (midpoints "
+                        "3.0 / 4.5; other step counts use 4.5)"),
            cfg_by_steps=((4, 3.0), (8, 4.5))),
     Preset("pcm-sd3", "PCM SD3 deterministic (2/4-step)", (ARCH_SD3,), 4, (2, 4), 0.0, 1000, "x0", 1.0, 1.0,
            "PCM's SD3 code (Euler, shift 1 or 3 as the file name says)",

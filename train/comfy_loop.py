@@ -136,15 +136,15 @@ class LoRASwitch:
 
 
 class SwitchableLoRA(torch.nn.Module):
-    """A comfy.weight_adapter LoRA on one weight, with a teacher bypass and an EMA copy read in target mode."""
+    """A comfy.weight_adapter LoRA on one weight (created with `rank` and `alpha`), with a teacher bypass and an
+    EMA copy read in target mode."""
 
-    def __init__(self, adapter: torch.nn.Module, switch: LoRASwitch, keep_ema: bool):
+    def __init__(self, adapter: torch.nn.Module, switch: LoRASwitch, keep_ema: bool, rank: int, alpha: float):
         super().__init__()
         self.adapter = adapter
         self.switch = switch
         self.up, self.down = backend.lora_adapter_weights(adapter)
-        self.scale = backend.lora_adapter_scale(adapter)
-        self.alpha = backend.lora_adapter_alpha(adapter)
+        self.alpha, self.scale = float(alpha), float(alpha) / rank
         if keep_ema:
             self.register_buffer("ema_up", self.up.detach().clone())
             self.register_buffer("ema_down", self.down.detach().clone())
@@ -214,7 +214,7 @@ def attach_lora(patcher, rank: int, alpha: float, seed: int, keep_ema: bool, swi
             if isinstance(weight, torch.Tensor) and weight.ndim >= 2 and name in targets:
                 shape_only = torch.empty((), dtype=torch.float32).expand(weight.shape)
                 wrapper = SwitchableLoRA(backend.create_lora_adapter(shape_only, rank, float(alpha)), switch,
-                                         keep_ema)
+                                         keep_ema, rank, alpha)
                 backend.add_weight_wrapper(patcher, f"{key}.weight", wrapper)
                 loras[name] = wrapper
             elif isinstance(weight, torch.Tensor) and weight.is_inference():

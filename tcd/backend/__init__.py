@@ -16,7 +16,7 @@ Tested on ComfyUI 0.3.75 (the test host) and 0.33.0. Internal symbols used, each
   comfy.k_diffusion.sampling: sample_<name> (how KSampler resolves a sampler name)
   comfy.sample.prepare_noise; comfy.sampler_helpers.convert_cond; CONDRegular.process_cond
   comfy.lora: model_lora_keys_unet, model_lora_keys_clip; comfy.sd.load_lora_for_models
-  comfy.weight_adapter.lora.LoRAAdapter: create_train, lora_up, lora_down, alpha, rank
+  comfy.weight_adapter.lora.LoRAAdapter: create_train, lora_up, lora_down
   ModelPatcher: clone (disable_dynamic, where is_dynamic exists), get_model_object("model_sampling"),
       set_model_compute_dtype, add_weight_wrapper, weight_wrapper_patches, patches, model_options, model
   torch modules under a ModelPatcher: weight_function, bias_function (where the wrappers live once loaded)
@@ -33,11 +33,10 @@ from .lora import (FLOW_MODEL_CLASSES, apply_lora, lora_folders, lora_names, lor
 from .sampling import (CONTINUOUS_SAMPLING, inpaint_latent_of, lcm_ksampler, make_ksampler, model_sampling_of,
                        register_sampler_function, register_scheduler_function, registered_sampler,
                        registered_scheduler, sample_latent, schedule_for, sigma_table)
-from .training import (TRAINING_DTYPES, add_weight_wrapper, apply_model, base_model_of, batch_model_conds,
-                       clip_weights_module, create_lora_adapter, detach_weight_wrappers,
-                       disable_gradient_checkpointing, diffusion_model_of, enable_gradient_checkpointing,
-                       freeze_model, load_for_training, lora_adapter_alpha, lora_adapter_scale,
+from .training import (TRAINING_DTYPES, add_weight_wrapper, apply_model, batch_model_conds, clip_weights_module,
+                       create_lora_adapter, detach_weight_wrappers, disable_gradient_checkpointing,
+                       diffusion_model_of, enable_gradient_checkpointing, freeze_model, load_for_training,
                        lora_adapter_weights, model_class_name, model_cond_item, model_sampling_object,
                        move_model_conds, process_latent_in, set_compute_dtype, thaw_model, training_clone,
-                       training_dtype, training_mode, transformer_options_of, unet_state_dict,
-                       vae_weights_module, weight_wrappers)
+                       training_dtype, training_mode, transformer_options_of, unet_state_dict, vae_weights_module,
+                       weight_wrappers)

@@ -121,10 +121,6 @@ def diffusion_model_of(patcher) -> torch.nn.Module:
     return patcher.model.diffusion_model
 
 
-def base_model_of(patcher):
-    return patcher.model
-
-
 def set_compute_dtype(patcher, dtype: torch.dtype) -> None:
     patcher.set_model_compute_dtype(dtype)
 
@@ -162,6 +158,8 @@ def unet_state_dict(patcher) -> dict:
 
 
 def model_sampling_object(patcher):
+    """The model's own model_sampling (BaseModel.model_sampling), before any object patch a load would apply;
+    model_sampling_of asks the patcher instead, for sampling."""
     return patcher.model.model_sampling
 
 
@@ -185,15 +183,6 @@ def thaw_model(flags: dict) -> None:
 def lora_adapter_weights(adapter) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     """(up, down) trainable weights of a comfy.weight_adapter LoRA adapter (create_lora_adapter)."""
     return adapter.lora_up.weight, adapter.lora_down.weight
-
-
-def lora_adapter_scale(adapter) -> float:
-    """alpha / rank of a comfy.weight_adapter LoRA adapter."""
-    return float(adapter.alpha) / adapter.rank
-
-
-def lora_adapter_alpha(adapter) -> float:
-    return float(adapter.alpha)
 
 
 def enable_gradient_checkpointing(patcher) -> list:

@@ -18,6 +18,7 @@ from safetensors.torch import load_file
 
 import comfyhost
 from support import lora_files as lf
+from support.comfy_folders import loras_folder
 from support import tiny_diffusers as td
 
 REPO = Path(__file__).resolve().parents[2]
@@ -54,12 +55,10 @@ def trained(kl_ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def loras_dir(pack, trained, tmp_path_factory):
-    import folder_paths
     d = tmp_path_factory.mktemp("loras")
     (d / LORA_NAME).write_bytes(trained.read_bytes())
-    folder_paths.add_model_folder_path("loras", str(d))
-    yield d
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(d))
+    with loras_folder(d):
+        yield d
 
 
 def test_cli_lora_applies_every_layer_in_comfyui(pack, kl_ckpt, trained, loras_dir):

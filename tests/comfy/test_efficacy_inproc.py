@@ -30,6 +30,8 @@ import time
 import pytest
 import torch
 
+from support.comfy_folders import loras_folder, output_folder
+
 # The benchmark's budget (benchmarks/efficacy/run.py) at a quarter of its steps.
 TINY_BUDGET = dict(steps=100, batch_size=32, learning_rate=1e-3, rank=32, alpha=32.0, seed=0, warmup_steps=10,
                    max_grad_norm=1.0, training_dtype="auto", save_dtype="fp32")
@@ -45,12 +47,7 @@ ACCURACY_MARGIN_OVER_TEACHER = 0.03
 @pytest.fixture(scope="module")
 def efficacy(pack, tmp_path_factory):
     import comfy.utils
-    import folder_paths
     from benchmarks.efficacy import data, metrics, model, teacher
-    out_dir, lora_dir = tmp_path_factory.mktemp("eff_out"), tmp_path_factory.mktemp("eff_loras")
-    old_out = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(out_dir))
-    folder_paths.add_model_folder_path("loras", str(lora_dir), is_default=True)
     old_bar = comfy.utils.PROGRESS_BAR_ENABLED
     comfy.utils.PROGRESS_BAR_ENABLED = False
     t0 = time.time()
@@ -65,11 +62,11 @@ def efficacy(pack, tmp_path_factory):
     latents = [{"samples": samples[i:i + 1].clone()} for i in range(samples.shape[0])]
     conds = [prompts[int(y)] for y in digits.train_labels]
     print(f"teacher, data and classifier ready in {time.time() - t0:.1f}s ({info['path']})")
-    yield {"teacher": patcher, "prompts": prompts, "negative": negative, "latents": latents, "conds": conds,
-           "scorer": scorer}
+    with output_folder(tmp_path_factory.mktemp("eff_out")), \
+            loras_folder(tmp_path_factory.mktemp("eff_loras"), first=True):
+        yield {"teacher": patcher, "prompts": prompts, "negative": negative, "latents": latents, "conds": conds,
+               "scorer": scorer}
     comfy.utils.PROGRESS_BAR_ENABLED = old_bar
-    folder_paths.set_output_directory(old_out)
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(lora_dir))
 
 
 def _scores(env, method, model, steps):

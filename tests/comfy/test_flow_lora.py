@@ -10,6 +10,7 @@ import torch
 
 import make_tiny_flow as mtf
 from support import flow_lora_files as flf
+from support.comfy_folders import loras_folder
 from support import lora_files as lf
 from tcd.files import save_safetensors_atomic
 
@@ -19,11 +20,8 @@ ARCH = {"sd3": "SD3", "flux": "Flux"}
 
 @pytest.fixture(scope="module")
 def loras_dir(pack, tmp_path_factory):
-    import folder_paths
-    d = tmp_path_factory.mktemp("flow_loras")
-    folder_paths.add_model_folder_path("loras", str(d))
-    yield d
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(d))
+    with loras_folder(tmp_path_factory.mktemp("flow_loras")) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from support import lora_files as lf
+from support.comfy_folders import loras_folder
 from tcd.files import save_safetensors_atomic
 
 # Formats in which core ComfyUI 0.3.75 drops layers without a word (benchmarks/results/lora_coverage.md): the
@@ -19,11 +20,8 @@ PROMPT = "a photo of a cat"
 @pytest.fixture(scope="module")
 def loras_dir(pack, tmp_path_factory):
     """A temporary extra loras folder, registered with folder_paths for this module only."""
-    import folder_paths
-    d = tmp_path_factory.mktemp("loras")
-    folder_paths.add_model_folder_path("loras", str(d))
-    yield d
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(d))
+    with loras_folder(tmp_path_factory.mktemp("loras")) as d:
+        yield d
 
 
 @pytest.fixture(scope="module")

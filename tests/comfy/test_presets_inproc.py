@@ -10,6 +10,7 @@ import torch
 
 import make_tiny_flow as mtf
 from support import lora_files as lf
+from support.comfy_folders import loras_folder
 from tcd import presets as tp
 from tcd.files import save_safetensors_atomic
 
@@ -85,12 +86,9 @@ def test_cfg_follows_the_step_count_where_the_card_gives_one(node, pack):
 
 
 def test_auto_takes_family_and_steps_from_the_loader(node, sd15, pack, tmp_path_factory):
-    import folder_paths
     import nodes
     model = sd15[0]
-    d = tmp_path_factory.mktemp("preset_loras")
-    folder_paths.add_model_folder_path("loras", str(d))
-    try:
+    with loras_folder(tmp_path_factory.mktemp("preset_loras")) as d:
         layers = lf.make_layers(lf.unet_targets(model))
         save_safetensors_atomic(lf.write_format("kohya", layers), d / "sdxl_lightning_2step_lora.safetensors")
         save_safetensors_atomic(lf.write_format("kohya", layers), d / "my_style.safetensors")
@@ -106,8 +104,6 @@ def test_auto_takes_family_and_steps_from_the_loader(node, sd15, pack, tmp_path_
             node.get_preset(model, "auto (from the LoRA loader)", 0)
         family = loader.load_lora(model, "my_style.safetensors", 1.0)[3]
         assert family["key"] is None
-    finally:
-        folder_paths.folder_names_and_paths["loras"][0].remove(str(d))
 
 
 @pytest.mark.parametrize("key,steps", [("lcm", 1), ("lcm", 2), ("lcm", 4), ("lcm", 8), ("dmd2", 4)])

@@ -8,6 +8,8 @@ import math
 import pytest
 import torch
 
+from support.comfy_folders import loras_folder, output_folder
+
 PROMPTS = ["a red cat", "a blue dog", "a green tree", "a white house"]
 # Tiny but real: 8x8 latents, rank 4, batch 1; lr high enough that 30 steps move the LoRA visibly. The guidance
 # scale is fixed (w_min = w_max): with w drawn from [3, 15] the student, which does not see w, keeps an
@@ -22,24 +24,19 @@ def env(pack, tiny_ckpt, tmp_path_factory):
     """The tiny model, prompts, random 8x8 latents, and private output + loras folders (first in the list, so the
     trainer writes there and not into the host's models/loras)."""
     import comfy.sd
-    import folder_paths
-    out_dir, lora_dir = tmp_path_factory.mktemp("train_out"), tmp_path_factory.mktemp("train_loras")
-    old_out = folder_paths.get_output_directory()
-    folder_paths.set_output_directory(str(out_dir))
-    folder_paths.add_model_folder_path("loras", str(lora_dir), is_default=True)
+    import nodes
     with torch.inference_mode():                         # as the executor runs every prompt
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_ckpt))[:3]
         conds = [clip.encode_from_tokens_scheduled(clip.tokenize(p)) for p in PROMPTS]
         uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         g = torch.Generator().manual_seed(0)
         latents = [{"samples": torch.randn(1, 4, 8, 8, generator=g)} for _ in PROMPTS]
-    import nodes
-    yield {"model": model, "clip": clip, "vae": vae, "conds": conds, "uncond": uncond, "latents": latents,
-           "out": out_dir, "loras": lora_dir, "node": nodes.NODE_CLASS_MAPPINGS["TCD_DistillLoRA"](),
-           "loop": importlib.import_module(pack.__name__ + ".train.comfy_loop"),
-           "backend": importlib.import_module(pack.__name__ + ".tcd.backend")}
-    folder_paths.set_output_directory(old_out)
-    folder_paths.folder_names_and_paths["loras"][0].remove(str(lora_dir))
+    with output_folder(tmp_path_factory.mktemp("train_out")) as out_dir, \
+            loras_folder(tmp_path_factory.mktemp("train_loras"), first=True) as lora_dir:
+        yield {"model": model, "clip": clip, "vae": vae, "conds": conds, "uncond": uncond, "latents": latents,
+               "out": out_dir, "loras": lora_dir, "node": nodes.NODE_CLASS_MAPPINGS["TCD_DistillLoRA"](),
+               "loop": importlib.import_module(pack.__name__ + ".train.comfy_loop"),
+               "backend": importlib.import_module(pack.__name__ + ".tcd.backend")}
 
 
 def run_node(env, name, latents=None, conds=None, negative="default", **overrides):
@@ -259,7 +256,7 @@ def test_training_leaves_the_servers_rng_and_the_shared_models_flags_as_they_wer
     """The model is shared with every other node of the graph and the global RNG with every other prompt: a run
     (here with validation and the largest seed the node accepts, whose derived seeds wrap modulo 2^64) must give
     both back unchanged."""
-    base = env["backend"].base_model_of(env["model"])
+    base = env["model"].model                            # the BaseModel every clone of this patcher shares
     flags_before = [p.requires_grad for p in base.parameters()]
     torch.manual_seed(1234)
     rng_before = torch.get_rng_state()
