@@ -202,6 +202,20 @@ class DiscreteSchedule:
         return float(candidates[torch.argmin((candidates.double().log() - log_u).abs())])
 
 
+def time_shift(shift: float, t: float) -> float:
+    """sigma = shift t / (1 + (shift - 1) t): SD3's timestep shift (ComfyUI's time_snr_shift, diffusers'
+    FlowMatchEulerDiscreteScheduler with `shift`); t in [0, 1] is the unshifted time."""
+    return t if shift == 1.0 else shift * t / (1 + (shift - 1) * t)
+
+
+def flux_time_shift(mu: float, t: float) -> float:
+    """sigma = e^mu / (e^mu + 1/t - 1): Flux's resolution-dependent shift (ComfyUI's flux_time_shift with exponent 1,
+    diffusers' `use_dynamic_shifting` with the exponential shift); t in [0, 1]."""
+    if t <= 0.0:
+        return 0.0
+    return math.exp(mu) / (math.exp(mu) + (1.0 / t - 1.0))
+
+
 class FlowSchedule:
     """Rectified-flow / CONST models (SD3, Flux): x = (1 - sigma) * x0 + sigma * eps, sigma in [0, 1].
 

@@ -1,7 +1,8 @@
-"""Trajectory consistency function (TCF, TCD paper arXiv 2402.19159 §3) on VP quantities.
+"""Trajectory consistency function (TCF, TCD paper arXiv 2402.19159 §3) on any path x_t = alpha_t x0 + sigma_t eps.
 
-Notation (the TCD paper §3, DPM-Solver's lambda): a VP diffusion x_t = alpha_t * x0 + sigma_t * eps with alpha_t = sqrt(abar_t),
-sigma_t = sqrt(1 - abar_t); lambda_t = log(alpha_t / sigma_t) (half log-SNR, decreasing in t); for a jump t -> s
+Notation (the TCD paper §3, DPM-Solver's lambda): a diffusion x_t = alpha_t * x0 + sigma_t * eps, either VP with
+alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), or a rectified flow with alpha = 1 - sigma_flow, sigma = sigma_flow
+(tcd.paths: the a(t), b(t) of a path); lambda_t = log(alpha_t / sigma_t) (half log-SNR, decreasing in t); for a jump t -> s
 (s <= t) h = lambda_s - lambda_t >= 0. The network gives x0_hat(x_t, t) (from its epsilon / v / sample output),
 and the TCF f(x_t, t, s) approximates x_s, the PF-ODE solution at s started from x_t, through the exponential
 integrator
@@ -12,6 +13,7 @@ expanded in lambda to first order (x0_hat constant: DDIM, diffusers' `pred_noise
 (DPM-Solver++(2S) midpoint). f(x, t, t) = x holds by construction: h = 0 zeroes the integral.
 
 Every function here is pure torch; coefficients are tensors broadcastable against x (shape [B, 1, ..., 1]).
+`trajectory_consistency_function` takes a path (tcd.paths.VPPath / FlowPath) or, as a VP shorthand, an abar table.
 """
 from __future__ import annotations
 
@@ -19,7 +21,10 @@ from typing import Callable
 
 import torch
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample", "flow")
+# Which raw outputs each path can convert: v-prediction's formula needs alpha^2 + sigma^2 = 1 (VP), the velocity
+# v = eps - x0 = dx/dsigma needs alpha + sigma = 1 (flow).
+PATH_PREDICTION_TYPES = {"vp": ("epsilon", "v_prediction", "sample"), "flow": ("flow", "sample")}
 TCF_ORDERS = (1, 2)
 
 
@@ -54,6 +59,10 @@ def x0_eps_from_output(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: t
     elif prediction_type == "sample":
         x0 = model_output
         eps = (x_t - alpha_t * x0) / sigma_t
+    elif prediction_type == "flow":
+        # rectified-flow velocity v = eps - x0 (SD3 / Flux, diffusers' "flow_prediction"), alpha + sigma = 1
+        x0 = x_t - sigma_t * model_output
+        eps = x_t + alpha_t * model_output
     else:
         raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
     return x0, eps
@@ -118,36 +127,60 @@ def midpoint_timesteps(alphas_cumprod: torch.Tensor, t: torch.Tensor, s: torch.T
 
 # ----------------------------------------------------------------------------------------------- the TCF of a model
 X0Fn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+# Stand-in coefficients for rows whose second-order step does not exist (flow rows at pure noise or landing on the
+# clean end): they keep that branch finite, so torch.where's discarded branch cannot turn gradients into NaN.
+_SAFE_T, _SAFE_U, _SAFE_S = (0.6, 0.8), (0.7, 0.714), (0.8, 0.6)
 
 
 def trajectory_consistency_function(x0_fn: X0Fn, x_t: torch.Tensor, t: torch.Tensor, s: torch.Tensor,
-                                    alphas_cumprod: torch.Tensor, order: int = 1, r: float = 0.5) -> torch.Tensor:
-    """f_theta(x_t, t, s) for a model given as x0_fn(x, timesteps [B] int64) -> x0_hat.
+                                    path, order: int = 1, r: float = 0.5) -> torch.Tensor:
+    """f_theta(x_t, t, s) for a model given as x0_fn(x, times [B]) -> x0_hat, on `path` (tcd.paths.VPPath /
+    FlowPath, or an abar table for VP). Times are the model's own: integer timesteps (VP) or sigmas (flow).
 
-    order 1: one model evaluation; order 2: two (at t and at the midpoint u), DPM-Solver++(2S).
+    order 1: one model evaluation; order 2: two (at t and at the midpoint u), DPM-Solver++(2S). Rows whose jump has
+    no finite midpoint (a flow row from sigma 1 or to sigma 0) take the first-order jump, as the sampler does.
     """
+    from .paths import as_path
     if order not in TCF_ORDERS:
         raise ValueError(f"TCF order {order!r} is not supported; use one of {TCF_ORDERS} (1 = DDIM form, "
                          f"2 = DPM-Solver++(2S) midpoint)")
+    path = as_path(path)
     ndim = x_t.ndim
-    alpha_t, sigma_t = vp_alpha_sigma(alphas_cumprod, t, ndim)
-    alpha_s, sigma_s = vp_alpha_sigma(alphas_cumprod, s, ndim)
+    alpha_t, sigma_t = path.coefficients(t, ndim)
+    alpha_s, sigma_s = path.coefficients(s, ndim)
     x0_t = x0_fn(x_t, t)
+    eps_t = eps_from_x0(x_t, x0_t, alpha_t, sigma_t)
+    first = tcf_first_order(x0_t, eps_t, alpha_s, sigma_s)
     if order == 1:
-        return tcf_first_order(x0_t, eps_from_x0(x_t, x0_t, alpha_t, sigma_t), alpha_s, sigma_s)
-    u = midpoint_timesteps(alphas_cumprod, t, s, r)
-    alpha_u, sigma_u = vp_alpha_sigma(alphas_cumprod, u, ndim)
-    u_x = tcf_first_order(x0_t, eps_from_x0(x_t, x0_t, alpha_t, sigma_t), alpha_u, sigma_u)
+        return first
+    u, second_ok = path.midpoint(t, s, r)
+    alpha_u, sigma_u = path.coefficients(u, ndim)
+    u_x = tcf_first_order(x0_t, eps_t, alpha_u, sigma_u)
     x0_u = x0_fn(u_x, u)
-    return tcf_second_order(x_t, x0_t, x0_u, alpha_t, sigma_t, alpha_u, sigma_u, alpha_s, sigma_s)
+    ok = second_ok.to(x_t.device).reshape(-1, *([1] * (ndim - 1)))
+
+    def safe(value, fallback):
+        return torch.where(ok, value, torch.full_like(value, fallback))
+    second = tcf_second_order(x_t, x0_t, x0_u, safe(alpha_t, _SAFE_T[0]), safe(sigma_t, _SAFE_T[1]),
+                              safe(alpha_u, _SAFE_U[0]), safe(sigma_u, _SAFE_U[1]),
+                              safe(alpha_s, _SAFE_S[0]), safe(sigma_s, _SAFE_S[1]))
+    return torch.where(ok, second, first)
 
 
-def x0_fn_from_model(model: Callable, cond, alphas_cumprod: torch.Tensor, prediction_type: str = "epsilon") -> X0Fn:
-    """Adapt a raw model(x_t, t, cond) -> output (per prediction_type) to x0_fn(x_t, t) -> x0_hat."""
+def x0_fn_from_model(model: Callable, cond, path, prediction_type: str = "epsilon", guidance=None) -> X0Fn:
+    """Adapt a raw model(x_t, t, cond) -> output (per prediction_type) to x0_fn(x_t, t) -> x0_hat on `path` (or an
+    abar table). With `guidance` (a [B] tensor) the model is called model(x_t, t, cond, guidance): a
+    guidance-distilled model (Flux-dev class) takes the guidance scale as an input."""
+    from .paths import as_path
     if prediction_type not in PREDICTION_TYPES:
         raise ValueError(f"prediction_type={prediction_type!r} is not one of {PREDICTION_TYPES}")
+    path = as_path(path)
+    if prediction_type not in PATH_PREDICTION_TYPES[path.kind]:
+        raise ValueError(f"prediction_type={prediction_type!r} does not apply to a {path.kind} model; use one of "
+                         f"{PATH_PREDICTION_TYPES[path.kind]}")
 
     def x0_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        alpha, sigma = vp_alpha_sigma(alphas_cumprod, t, x.ndim)
-        return x0_eps_from_output(model(x, t, cond), x, alpha.to(x.dtype), sigma.to(x.dtype), prediction_type)[0]
+        alpha, sigma = path.coefficients(t, x.ndim)
+        out = model(x, t, cond) if guidance is None else model(x, t, cond, guidance)
+        return x0_eps_from_output(out, x, alpha.to(x.dtype), sigma.to(x.dtype), prediction_type)[0]
     return x0_fn

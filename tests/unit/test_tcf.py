@@ -125,6 +125,8 @@ def test_bad_arguments_are_refused_with_clear_messages():
     with pytest.raises(ValueError, match="order"):
         trajectory_consistency_function(lambda x, t: x, x, t, t, ABAR, order=3)
     with pytest.raises(ValueError, match="prediction_type"):
+        x0_fn_from_model(net, None, ABAR, "velocity")
+    with pytest.raises(ValueError, match="does not apply to a vp model"):
         x0_fn_from_model(net, None, ABAR, "flow")
     with pytest.raises(ValueError, match="midpoint"):
         midpoint_timesteps(ABAR, t, t, r=0.0)
