@@ -305,7 +305,7 @@ class LCMLoss(_ConsistencyDistillation):
 
 def _float_out(model: Model) -> Model:
     """Model outputs in float32, so low-precision (bf16/fp16) passes meet the TCF arithmetic in fp32."""
-    return lambda x, t, cond: model(x, t, cond).float()
+    return lambda x, t, cond, *guidance: model(x, t, cond, *guidance).float()
 
 
 # ----------------------------------------------------------------------------------------------- shared by both trainers
