@@ -6,6 +6,13 @@ passes, each timed alone (median) on the same model, batch and LoRA wrappers in 
 trainer does per step (batch draw, TCF arithmetic, loss, gradient clipping, AdamW, EMA update, progress, Cancel
 check) shows up as the ratio above 1. Goal: ratio <= 1.15.
 
+Cases (--case, default all):
+  vp    the tiny SD1.5 UNet (the top-level keys of the results file);
+  flow  an SD3-class MMDiT built from ComfyUI's own classes (scripts/make_tiny_flow.py, depth 6 = hidden 384, the
+        tiny model being too small for the model to dominate a pass on a CPU), 16-channel latents, CFG teacher,
+        the same four passes at sigma 0.5 (results key "flow_sd3"). The trainer's flow-only set-up (copies of
+        inference-tensor norm scales, norm-input copies for in-place residual adds) is in the floor's passes too.
+
 Trainer steps and floor passes are interleaved in blocks (floor, 6 trainer steps, floor, ...; the trainer resumes
 from its own checkpoint between blocks), so a change in the machine's speed hits both alike; the first step of a
 block (set-up, first-call allocations) is not counted.
@@ -15,9 +22,10 @@ with the model loaded, during trainer steps and during the student's forward + b
 one model pass + backward needs). One model copy is the UNet's weight bytes; the trainer adds the LoRA, its EMA
 and AdamW's two moments, and must not add a second model copy.
 
-    source scripts/host/env.sh && $HOST_PY benchmarks/trainer_throughput.py
-Writes benchmarks/results/trainer_throughput.json.
+    source scripts/host/env.sh && $HOST_PY benchmarks/trainer_throughput.py [--case vp|flow|all]
+Writes benchmarks/results/trainer_throughput.json (a single case keeps the other case's numbers there).
 """
+import argparse
 import importlib
 import json
 import os
@@ -34,6 +42,11 @@ sys.path.insert(0, str(REPO / "scripts"))
 import comfyhost  # noqa: E402
 
 LATENT = (4, 32, 32)        # 256x256 images: the model, not Python, dominates a pass
+FLOW_LATENT = (16, 32, 32)  # 256x256 images through a 16-channel VAE: 16 x 16 patches of 2 x 2
+# SD3-class MMDiT: hidden = 64 x depth (ComfyUI's MMDiT), context embedder 4096 (SD3's text width) -> hidden
+FLOW_DEPTH = 6
+FLOW_OVERRIDES = {"depth": FLOW_DEPTH, "context_embedder_config": {
+    "target": "torch.nn.Linear", "params": {"in_features": 4096, "out_features": 64 * FLOW_DEPTH}}}
 BATCH = 1
 RANK = 8
 BLOCKS = 4                  # trainer blocks (each STEPS_PER_BLOCK steps) interleaved with BLOCKS + 1 floor blocks
@@ -75,37 +88,27 @@ class RssPeak:
 
 
 class StepTimer:
-    """A progress object for train_lora that records the time of every completed step."""
+    """A progress object for train_lora that records the time (wall and process CPU) of every completed step."""
 
     stamps: list = []
+    cpu_stamps: list = []
 
     def __init__(self, total):
         StepTimer.stamps = [time.perf_counter()]
+        StepTimer.cpu_stamps = [time.process_time()]
 
     def update(self, n=1):
         StepTimer.stamps.append(time.perf_counter())
+        StepTimer.cpu_stamps.append(time.process_time())
 
 
-def main():
+def vp_inputs(comfyui_dir):
+    """The tiny SD1.5 checkpoint, 4 prompts and random latents, loaded as a prompt loads them."""
     import torch
-    load_at_start = list(os.getloadavg())
-    comfyui_dir = Path(os.environ["COMFYUI_DIR"])
-    pack = comfyhost.comfy_in_process(comfyui_dir)
-    import comfy.model_management as mm
     import comfy.sd
-    import folder_paths
-    loop = importlib.import_module(pack.__name__ + ".train.comfy_loop")
-    dataset = importlib.import_module(pack.__name__ + ".train.dataset")
-    backend = importlib.import_module(pack.__name__ + ".tcd.backend")
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
-    work = Path(tempfile.mkdtemp(prefix="tcd_bench_"))
-    folder_paths.set_output_directory(str(work))
     ckpt = Path(os.environ.get("TINY_CKPT") or REPO / ".cache" / "tiny_sd15.safetensors")
     ckpt.parent.mkdir(parents=True, exist_ok=True)
     comfyhost.make_tiny_checkpoint(comfyui_dir, ckpt)
-    device = backend.torch_device()
-    cuda = device.type == "cuda"
-
     with torch.inference_mode():
         model, clip = comfy.sd.load_checkpoint_guess_config(str(ckpt))[:2]
         prompts = ["a red cat", "a blue dog", "a green tree", "a white house"]
@@ -113,8 +116,63 @@ def main():
         uncond = clip.encode_from_tokens_scheduled(clip.tokenize(""))
         g = torch.Generator().manual_seed(0)
         latents = [{"samples": torch.randn(1, *LATENT, generator=g)} for _ in prompts]
+    return model, latents, conds, uncond
+
+
+def flow_inputs(comfyui_dir):
+    """The SD3-class MMDiT of FLOW_OVERRIDES (random weights, ComfyUI's classes), 4 random prompts of SD3's text
+    widths, a random negative and random 16-channel latents, built under inference_mode as a prompt loads them."""
+    import torch
+    import make_tiny_flow as mtf
+    with torch.inference_mode():
+        model = mtf.tiny_model_patcher("sd3", **FLOW_OVERRIDES)
+        conds = [mtf.conditioning("sd3", seed=10 + i, tokens=77) for i in range(4)]
+        uncond = mtf.conditioning("sd3", seed=99, tokens=77)
+        g = torch.Generator().manual_seed(0)
+        latents = [{"samples": torch.randn(1, *FLOW_LATENT, generator=g)} for _ in conds]
+    return model, latents, conds, uncond
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--case", choices=("vp", "flow", "all"), default="all")
+    cases = ("vp", "flow") if ap.parse_args().case == "all" else (ap.parse_args().case,)
+    comfyui_dir = Path(os.environ["COMFYUI_DIR"])
+    pack = comfyhost.comfy_in_process(comfyui_dir)
+    results = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    for case in cases:
+        result = measure(pack, comfyui_dir, case)
+        if case == "vp":
+            results = {**result, **({"flow_sd3": results["flow_sd3"]} if "flow_sd3" in results else {})}
+        else:
+            results["flow_sd3"] = result
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        tmp = RESULTS.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=2))
+        os.replace(tmp, RESULTS)
+        print(case, json.dumps({k: result[k] for k in (
+            "iteration_seconds_median", "floor_seconds", "floor_seconds_sum", "ratio_iteration_over_floor",
+            "goal_met", "cpu_seconds", "memory", "load_average_at_end")}, indent=1))
+    return results
+
+
+def measure(pack, comfyui_dir, case):
+    import torch
+    load_at_start = list(os.getloadavg())
+    import comfy.model_management as mm
+    import folder_paths
+    loop = importlib.import_module(pack.__name__ + ".train.comfy_loop")
+    dataset = importlib.import_module(pack.__name__ + ".train.dataset")
+    backend = importlib.import_module(pack.__name__ + ".tcd.backend")
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    work = Path(tempfile.mkdtemp(prefix="tcd_bench_"))
+    folder_paths.set_output_directory(str(work))
+    device = backend.torch_device()
+    cuda = device.type == "cuda"
+    flow = case == "flow"
+    model, latents, conds, uncond = (flow_inputs if flow else vp_inputs)(comfyui_dir)
     data = dataset.from_latents_and_conditioning(latents, conds, uncond)
-    del clip
+    latent_shape = FLOW_LATENT if flow else LATENT
     cfg = loop.DistillConfig(steps=STEPS_PER_BLOCK, batch_size=BATCH, rank=RANK, alpha=float(RANK),
                              learning_rate=1e-4, dtype="fp32", save_dtype="fp32")
     mm.load_models_gpu([model])
@@ -129,11 +187,16 @@ def main():
         if cuda:
             torch.cuda.synchronize()
 
-    def timed(fn):
+    cpu_floor = {}
+
+    def timed(fn, key):
+        """Wall seconds of fn (returned); its process CPU seconds go to cpu_floor[key]. On a shared CPU host the
+        CPU time is the load-robust measure: other processes stretch wall time, not this process's CPU time."""
         sync()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         sync()
+        cpu_floor.setdefault(key, []).append(time.process_time() - c0)
         return time.perf_counter() - t0
 
     floor = {"teacher_cond": [], "teacher_uncond": [], "target": [], "student_fwd_bwd": []}
@@ -148,13 +211,16 @@ def main():
             for p in params:
                 p.requires_grad_(True)
             backend.load_for_training(patcher)
+            copied = backend.copy_inference_parameters(patcher)        # as DistillRun.start
+            hooks = backend.copy_norm_inputs(patcher) if flow else []
             batches = loop.Batches(data, patcher, device)
-            fns = {m: loop.ComfyModelFn(patcher, switch, m, torch.float32, device)
+            fns = {m: loop.ComfyModelFn(patcher, switch, m, torch.float32, device, flow)
                    for m in (loop.STUDENT, loop.TARGET, loop.TEACHER)}
             gen = torch.Generator().manual_seed(1)
             _, x0, cond, unc = batches.draw(BATCH, gen)
             x = torch.randn(x0.shape, generator=gen).to(device)
-            t = torch.full((BATCH,), 499, dtype=torch.long, device=device)
+            t = torch.full((BATCH,), 0.5, device=device) if flow else \
+                torch.full((BATCH,), 499, dtype=torch.long, device=device)
 
             def no_grad(fn, c):
                 with torch.no_grad():
@@ -167,19 +233,21 @@ def main():
                     p.grad = None
             no_grad(fns[loop.TEACHER], cond)                # first-call warm-up of this block
             for _ in range(FLOOR_REPEATS):
-                floor["teacher_cond"].append(timed(lambda: no_grad(fns[loop.TEACHER], cond)))
-                floor["teacher_uncond"].append(timed(lambda: no_grad(fns[loop.TEACHER], unc)))
-                floor["target"].append(timed(lambda: no_grad(fns[loop.TARGET], cond)))
+                floor["teacher_cond"].append(timed(lambda: no_grad(fns[loop.TEACHER], cond), "teacher_cond"))
+                floor["teacher_uncond"].append(timed(lambda: no_grad(fns[loop.TEACHER], unc), "teacher_uncond"))
+                floor["target"].append(timed(lambda: no_grad(fns[loop.TARGET], cond), "target"))
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 with rss:
-                    floor["student_fwd_bwd"].append(timed(student))
+                    floor["student_fwd_bwd"].append(timed(student, "student_fwd_bwd"))
                 activation_peaks.append((torch.cuda.max_memory_allocated() if cuda else rss.peak) - baseline)
+            backend.remove_hooks(hooks)
+            backend.restore_inference_parameters(copied)
             backend.detach_weight_wrappers(patcher, list(loras.values()) + [
                 f for fs in patcher.weight_wrapper_patches.values() for f in fs
                 if isinstance(f, loop.PassThrough)])
 
-    steps, trainer_peaks = [], []
+    steps, cpu_steps, trainer_peaks = [], [], []
     state = work / "bench.state.pt"
     floor_block()
     for block in range(BLOCKS):
@@ -192,18 +260,24 @@ def main():
         trainer_peaks.append((torch.cuda.max_memory_allocated() if cuda else rss.peak) - baseline)
         stamps = StepTimer.stamps
         steps.extend(b - a for a, b in zip(stamps[1:-1], stamps[2:]))     # not the block's first step
+        cpu = StepTimer.cpu_stamps
+        cpu_steps.extend(b - a for a, b in zip(cpu[1:-1], cpu[2:]))
         floor_block()
 
     medians = {k: statistics.median(v) for k, v in floor.items()}
     floor_sum = sum(medians.values())
     iteration = statistics.median(steps)
+    cpu_medians = {k: statistics.median(v) for k, v in cpu_floor.items()}
+    cpu_floor_sum, cpu_iteration = sum(cpu_medians.values()), statistics.median(cpu_steps)
     probe = loop.attach_lora(model.clone(), RANK, float(RANK), 0, False, loop.LoRASwitch())
     n_lora = sum(p.numel() for w in probe.values() for p in w.trainable())
     lora_state = n_lora * 4 * 4           # fp32 LoRA + EMA + AdamW exp_avg + exp_avg_sq
     mb = 1 / 2 ** 20
+    model_text = f"an SD3-class MMDiT (ComfyUI's MMDiT, depth {FLOW_DEPTH}, hidden {64 * FLOW_DEPTH}, " \
+        f"{unet_bytes / 2 ** 20:.0f} MB of weights, random)" if flow else "the tiny SD1.5 UNet"
     result = {
-        "what": f"TCD trainer (1st-order TCF, CFG teacher, EMA target) on the tiny SD1.5 UNet (ComfyUI 0.3.75), "
-                f"latent {list(LATENT)}, batch {BATCH}, LoRA rank {RANK}, fp32; median of {len(steps)} trainer "
+        "what": f"TCD trainer (1st-order TCF, CFG teacher, EMA target) on {model_text} (ComfyUI 0.3.75), "
+                f"latent {list(latent_shape)}, batch {BATCH}, LoRA rank {RANK}, fp32; median of {len(steps)} trainer "
                 f"steps vs the sum of the median of {len(floor['target'])} solo timings of each model pass",
         "device": str(device), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
         "machine": platform.machine(), "load_average_at_start": load_at_start,
@@ -214,6 +288,12 @@ def main():
         "ratio_iteration_over_floor": round(iteration / floor_sum, 4),
         "goal": f"ratio <= {GOAL}",
         "goal_met": iteration / floor_sum <= GOAL,
+        "cpu_seconds": {"iteration_median": round(cpu_iteration, 5),
+                        "floor": {k: round(v, 5) for k, v in cpu_medians.items()},
+                        "floor_sum": round(cpu_floor_sum, 5),
+                        "ratio_iteration_over_floor": round(cpu_iteration / cpu_floor_sum, 4),
+                        "goal_met": cpu_iteration / cpu_floor_sum <= GOAL,
+                        "note": "process CPU time (all threads): not stretched by other processes on a shared host"},
         "memory": {
             "measure": "CUDA max_memory_allocated" if cuda else "process RSS (2 ms sampling)",
             "unet_weights_mb": round(unet_bytes * mb, 1),
@@ -226,13 +306,7 @@ def main():
         "all_iteration_seconds": [round(s, 5) for s in steps],
         "all_floor_seconds": {k: [round(s, 5) for s in v] for k, v in floor.items()},
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    tmp = RESULTS.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    os.replace(tmp, RESULTS)
-    print(json.dumps({k: result[k] for k in ("iteration_seconds_median", "floor_seconds", "floor_seconds_sum",
-                                             "ratio_iteration_over_floor", "goal_met", "memory",
-                                             "load_average_at_end")}, indent=1))
+    mm.unload_all_models()
     return result
 
 

@@ -49,9 +49,11 @@ class TCDDistillLoRA:
     def INPUT_TYPES(cls):
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The teacher: an SD1.x / SD2.x / SDXL model (eps or v-prediction). "
-                                    "The LoRA is trained on it; one copy serves as teacher (LoRA bypassed), "
-                                    "student and target."}),
+                "model": ("MODEL", {"tooltip": "The teacher: an SD1.x / SD2.x / SDXL model (eps or v-prediction), "
+                                    "or a flow model: SD3 / SD3.5 or FLUX.1 (its sampling shift, e.g. from "
+                                    "ModelSamplingSD3 / ModelSamplingFlux, sets the training grid). The LoRA is "
+                                    "trained on it; one copy serves as teacher (LoRA bypassed), student and "
+                                    "target."}),
                 "steps": ("INT", {"default": 1000, "min": 1, "max": 1000000, "tooltip":
                           "Training steps (optimizer updates). On resume: the total to reach."}),
                 "batch_size": ("INT", {"default": 4, "min": 1, "max": 1024, "tooltip":
@@ -63,9 +65,14 @@ class TCDDistillLoRA:
                 "alpha": ("FLOAT", {"default": 64.0, "min": 0.01, "max": 4096.0, "step": 0.01, "tooltip":
                           "LoRA alpha; the LoRA is scaled by alpha / rank (alpha = rank: scale 1)."}),
                 "w_min": ("FLOAT", {"default": 3.0, "min": 0.0, "max": 50.0, "step": 0.1, "tooltip":
-                          "Lowest guidance scale w of the teacher (x = x_c + w (x_c - x_u)), drawn per sample."}),
+                          "Lowest guidance scale w of the teacher, drawn per sample in [w_min, w_max]. CFG models "
+                          "(SD1.x-SDXL, SD3): x = x_c + w (x_c - x_u), i.e. cfg = w + 1; the defaults 3-15 are "
+                          "the LCM/TCD recipe for UNets (SD3's usual cfg 4.5-7 is w 3.5-6). Models that take "
+                          "guidance as an input (FLUX.1-dev): w is the guidance value fed to the model, as "
+                          "FluxGuidance sets it: use e.g. 2-5."}),
                 "w_max": ("FLOAT", {"default": 15.0, "min": 0.0, "max": 50.0, "step": 0.1, "tooltip":
-                          "Highest guidance scale w. w_min = w_max = 0 trains without guidance."}),
+                          "Highest guidance scale w (see w_min). CFG models: w_min = w_max = 0 trains without "
+                          "guidance. FLUX.1-dev: the highest guidance value, e.g. 5."}),
                 "original_steps": ("INT", {"default": 50, "min": 1, "max": 1000, "tooltip":
                                    "Skipping grid: the teacher jumps 1000 // original_steps timesteps (50 -> 20, the "
                                    "TCD paper's choice); also the grid the target time s is drawn on."}),
@@ -96,8 +103,9 @@ class TCDDistillLoRA:
                                  "One conditioning per latent (a list, e.g. from Make Training Dataset), or one "
                                  "shared by all."}),
                 "negative": ("CONDITIONING", {"tooltip":
-                             "Unconditional prompt for the teacher's guidance. Not connected: the empty prompt with "
-                             "image_folder; no guidance with latents."}),
+                             "Unconditional prompt for the teacher's CFG guidance. Not connected: the empty prompt "
+                             "with image_folder; no guidance with latents. Leave it unconnected for FLUX.1-dev (the "
+                             "guidance is a model input there; a negative is refused)."}),
                 "image_folder": ("STRING", {"default": "", "tooltip":
                                  "Instead of latents: a folder of images, each with a same-name .txt caption "
                                  "(absolute, or inside ComfyUI's input folder). Needs vae and clip; encodings are "
@@ -105,7 +113,8 @@ class TCDDistillLoRA:
                 "vae": ("VAE", {"tooltip": "Encodes the image_folder images; decodes the validation images."}),
                 "clip": ("CLIP", {"tooltip": "Encodes the image_folder captions (and the empty prompt)."}),
                 "resolution": ("INT", {"default": 512, "min": 64, "max": 4096, "step": 8, "tooltip":
-                               "image_folder images are resized and centre-cropped to this square size."}),
+                               "image_folder images are resized and centre-cropped to this square size (a "
+                               "multiple of 16 for SD3 / Flux, whose latents are cut into 2x2 patches)."}),
                 "recipe": (RECIPE_CHOICES, {"default": "recommended", "tooltip":
                            "recommended: the objective settings measured best against LCM (rho "
                            f"{RECIPES['recommended']['rho']}, {RECIPES['recommended']['loss']}, TCF order "
@@ -120,7 +129,8 @@ class TCDDistillLoRA:
                 "training_dtype": (list(backend.TRAINING_DTYPES), {"default": "auto", "tooltip":
                                    "auto = fp32 on CPU (bf16 is ~9x slower there), bf16 on GPUs that support it."}),
                 "gradient_checkpointing": ("BOOLEAN", {"default": False, "tooltip":
-                                           "Recompute UNet blocks in the backward pass: less memory, ~30% slower."}),
+                                           "Recompute UNet / transformer blocks in the backward pass: less "
+                                           "memory, ~30% slower."}),
                 "warmup_steps": ("INT", {"default": 0, "min": 0, "max": 100000, "tooltip":
                                  "Linear learning-rate warmup steps (diffusers' recipe: 500)."}),
                 "max_grad_norm": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1000.0, "step": 0.1, "tooltip":
@@ -149,10 +159,11 @@ class TCDDistillLoRA:
     FUNCTION = "train"
     CATEGORY = "training"
     OUTPUT_NODE = True
-    DESCRIPTION = ("Trajectory Consistency Distillation (TCD) of a LoRA from the connected model: the student "
-                   "learns to jump along the teacher's guided probability-flow ODE to any earlier time. Shows "
-                   "progress, stops on Cancel keeping a checkpoint, and resumes exactly. Sample the result with "
-                   "the TCD sampler at 4-8 steps, cfg 1.")
+    DESCRIPTION = ("Trajectory Consistency Distillation (TCD) of a LoRA from the connected model (SD1.x, SD2.x, "
+                   "SDXL, SD3 / SD3.5, FLUX.1): the student learns to jump along the teacher's guided "
+                   "probability-flow ODE to any earlier time. Shows progress, stops on Cancel keeping a checkpoint, "
+                   "and resumes exactly. Sample the result with the TCD sampler at 4-8 steps, cfg 1 (FLUX.1-dev: "
+                   "FluxGuidance in the trained w range).")
 
     def train(self, model, steps, batch_size, learning_rate, rank, alpha, w_min, w_max, original_steps, tcf_order,
               ema_decay, loss, seed, lora_name, save_every, resume, latents=None, conditioning=None, negative=None,
@@ -175,12 +186,16 @@ class TCDDistillLoRA:
         path, listed, state = comfy_loop.prepare_output_paths(_one(lora_name))
         vae, clip, folder = _one(vae), _one(clip), (_one(image_folder, "") or "").strip()
         uncond = _one(negative)
+        # Before any encoding: the model is one the trainer distils, and a negative fits its guidance.
+        model_path = comfy_loop.model_path_of(model)
+        comfy_loop.check_guidance_inputs(model_path.guidance, uncond)
         if folder:
             if latents:
                 raise ValueError("give either image_folder or latents + conditioning, not both")
             data = dataset.from_image_folder(folder, vae, clip, int(_one(resolution, 512)),
                                              Path(backend.output_directory()) / "tcd_train" / "cache",
-                                             backend.input_directory(), uncond)
+                                             backend.input_directory(), uncond,
+                                             empty_prompt_uncond=model_path.guidance == "cfg")
         else:
             data = dataset.from_latents_and_conditioning(latents, conditioning, uncond)
         validation = None

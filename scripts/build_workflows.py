@@ -279,6 +279,58 @@ def distill_tcd_lora():
     ]
 
 
+def distill_flow(g, model, clip, vae, lora_name, w_min, w_max):
+    """TCD Distill LoRA on a flow model (SD3 / Flux): 1024 px images, gradient checkpointing, w in the model's
+    own guidance units."""
+    return g.add("TCD_DistillLoRA", model=model, vae=vae, clip=clip, image_folder="tcd_train", resolution=1024,
+                 steps=2000, batch_size=1, learning_rate=1e-4, rank=32, alpha=32.0, w_min=w_min, w_max=w_max,
+                 original_steps=50, tcf_order=1, ema_decay=0.95, loss="huber", seed=0, lora_name=lora_name,
+                 save_every=250, resume=True, objective="tcd", training_dtype="auto", gradient_checkpointing=True,
+                 warmup_steps=100, max_grad_norm=1.0, validation_every=250, validation_draws=4, validation_steps=4,
+                 validation_gamma=0.3, save_dtype="bf16", recipe="recommended", rho=0.0)
+
+
+def save_training_images(g, trainer):
+    g.add("SaveImage", title="Loss curve", filename_prefix="tcd_train/loss", images=g.out(trainer, 2))
+    g.add("SaveImage", title="Validation images", filename_prefix="tcd_train/validation", images=g.out(trainer, 3))
+
+
+def sd3_distill_tcd_lora():
+    g = Graph()
+    ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD3)
+    trainer = distill_flow(g, g.out(ckpt, 0), g.out(ckpt, 1), g.out(ckpt, 2), "my_sd3_tcd_lora", 3.5, 6.0)
+    save_training_images(g, trainer)
+    return g.nodes, [
+        "Distil a TCD LoRA from SD3 / SD3.5 (the teacher) on your images: put images with same-name .txt captions "
+        "in ComfyUI/input/tcd_train (1024 px; sizes a multiple of 16).\nThe teacher is the model with the LoRA "
+        "switched off: one model copy in memory. Cancel keeps a resumable checkpoint (resume: on continues it).",
+        "SD3 is a CFG model: the teacher runs a conditional and an unconditional (empty prompt) pass, x = x_c + "
+        "w (x_c - x_u) with w drawn in [w_min, w_max]; w 3.5-6 is SD3's usual cfg 4.5-7 (cfg = w + 1).\nThe "
+        "trained layers are the DiT blocks' attention and MLP linears; the file (models/loras/my_sd3_tcd_lora) "
+        "loads in full in core Load LoRA and the TCD LoRA Loader. Sample with the TCD sampler, 4-8 steps, cfg 1.",
+    ]
+
+
+def flux_distill_tcd_lora():
+    g = Graph()
+    unet = g.add("UNETLoader", unet_name=FLUX_DEV, weight_dtype="default")
+    clip = g.add("DualCLIPLoader", clip_name1=FLUX_CLIP_L, clip_name2=FLUX_T5, type="flux", device="default")
+    vae = g.add("VAELoader", vae_name=FLUX_VAE)
+    # the training grid is the model's shifted schedule: Flux's shift at the training resolution
+    shifted = g.add("ModelSamplingFlux", model=g.out(unet), max_shift=1.15, base_shift=0.5, width=1024,
+                    height=1024)
+    trainer = distill_flow(g, g.out(shifted), g.out(clip), g.out(vae), "my_flux_tcd_lora", 2.0, 5.0)
+    save_training_images(g, trainer)
+    return g.nodes, [
+        "Distil a TCD LoRA from FLUX.1-dev on your images: put images with same-name .txt captions in "
+        "ComfyUI/input/tcd_train (1024 px; sizes a multiple of 16). ModelSamplingFlux sets the shift of the "
+        "training resolution: the skipping grid follows the schedule the LoRA will be sampled with.",
+        "FLUX.1-dev is guidance-distilled: the guidance is a model input, not a second pass. w_min / w_max (2-5) "
+        "are the guidance values fed to the model, drawn per sample for teacher, student and target alike; no "
+        "negative (one would be refused).\nSample with the TCD sampler, 4-8 steps, and FluxGuidance in 2-5.",
+    ]
+
+
 def train_then_sample():
     g = Graph()
     ckpt = g.add("CheckpointLoaderSimple", ckpt_name=SD15)
@@ -298,7 +350,8 @@ def train_then_sample():
 
 BUILDERS = {f.__name__: f for f in (sd15_tcd_lora_txt2img, sdxl_tcd_custom_advanced, gamma_comparison, img2img,
                                      inpainting, hypersd_1step, distill_tcd_lora, train_then_sample,
-                                     sd3_tcd_txt2img, flux_tcd_txt2img)}
+                                     sd3_tcd_txt2img, flux_tcd_txt2img, sd3_distill_tcd_lora,
+                                     flux_distill_tcd_lora)}
 
 
 def write_api(name, api):

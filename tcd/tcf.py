@@ -69,8 +69,14 @@ def x0_eps_from_output(model_output: torch.Tensor, x_t: torch.Tensor, alpha_t: t
 
 
 def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, alpha_t: torch.Tensor, sigma_t: torch.Tensor) -> torch.Tensor:
-    """eps_hat implied by x0_hat at (x_t, t): the noise that makes x_t = alpha_t x0 + sigma_t eps."""
-    return (x_t - alpha_t * x0) / sigma_t
+    """eps_hat implied by x0_hat at (x_t, t): the noise that makes x_t = alpha_t x0 + sigma_t eps.
+
+    At sigma_t = 0 (a flow path's clean end, which the skipping grid reaches as t_n = g[0]) x_t holds no noise and
+    eps is undefined: it is 0 there, so the jump from t = 0 (to s = 0, the only s <= t) is x0_hat instead of
+    0 * inf = NaN. A VP table never has sigma_t = 0."""
+    clean = sigma_t == 0
+    eps = (x_t - alpha_t * x0) / torch.where(clean, torch.ones_like(sigma_t), sigma_t)
+    return torch.where(clean, torch.zeros_like(eps), eps)
 
 
 # ----------------------------------------------------------------------------------------------- TCF, first order

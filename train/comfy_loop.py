@@ -9,7 +9,13 @@ One model copy serves all three roles of the objective (tcd.losses):
 
 The model is called through ComfyUI's own `BaseModel.apply_model`, so eps / v-prediction models, SDXL's extra
 conditioning and the model's patches behave as in sampling. The loss sees x0 predictions (prediction_type
-"sample") in VP space with abar_t = 1 / (1 + sigma_t^2) from the model's own sigma table.
+"sample") on the model's own path (tcd.paths):
+* discrete VP models (SD1.x / SD2.x / SDXL): VPPath with abar_t = 1 / (1 + sigma_t^2) from the model's sigma table;
+* flow models (SD3: ModelSamplingDiscreteFlow, Flux: ModelSamplingFlux; ComfyUI's CONST prediction): FlowPath with
+  sigma(t) = percent_to_sigma(1 - t), the model's own shifted time; x = (1 - sigma) x0 + sigma eps is already
+  ComfyUI's sampling space, so the model is called at sigma itself. A model that takes the guidance scale as an
+  input (FLUX.1-dev) is distilled with embedded guidance: the drawn w is its `guidance` input for teacher, student
+  and target alike, and there is no unconditional pass (docs/flow_distillation.md).
 
 Prompts run under torch.inference_mode(); training leaves it explicitly and clones every input tensor. Progress goes
 to ComfyUI's progress bar, whose hook also raises on Cancel; on Cancel or an error a resumable checkpoint of the
@@ -31,7 +37,8 @@ from typing import Callable, Optional
 import torch
 
 from ..tcd import backend
-from ..tcd.lora_targets import is_lora_target
+from ..tcd.lora_targets import is_flow_lora_target, is_lora_target
+from ..tcd.paths import FlowPath, VPPath
 from ..tcd.schedule import alphas_cumprod_from_sigmas, vp_to_ve_scale
 from ..tcd.losses import OBJECTIVES, RECIPES, ema_update_
 from ..tcd.losses import make_objective as tcd_make_objective
@@ -46,6 +53,7 @@ GLOBAL_STREAM_OFFSET = 2_000_003        # torch's global CPU stream inside a run
 SEED_SPACE = 2 ** 64                    # torch.Generator.manual_seed takes seeds in [0, 2^64)
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 STUDENT, TARGET, TEACHER = "student", "target", "teacher"
+EMBEDDED_GUIDANCE_USUAL_MAX = 10.0     # above this, an embedded-guidance w_max is most likely a CFG-style setting
 # Settings a resumed run may change without changing the numbers it computes.
 RESUME_MAY_CHANGE = ("steps", "save_every", "validation_every", "validation_draws", "gradient_checkpointing",
                      "save_dtype")
@@ -193,8 +201,13 @@ class PassThrough(torch.nn.Module):
 
 
 def lora_target_names(patcher) -> set[str]:
-    """ldm module names of the UNet layers the LoRA trains: those whose diffusers name (ComfyUI's own table) is a
-    target of tcd.lora_targets, the definition the accelerate CLI uses too."""
+    """ldm module names of the layers the LoRA trains: those whose diffusers name (ComfyUI's own table) is a target
+    of tcd.lora_targets, the definition the accelerate CLI uses too. UNets: is_lora_target. SD3 / Flux: a layer is
+    trained when every diffusers module it holds is_flow_lora_target (a fused qkv holds to_q, to_k and to_v; a Flux
+    single block's linear1 holds those and proj_mlp)."""
+    flow = backend.flow_ldm_to_diffusers(patcher)
+    if flow:
+        return {ldm for ldm, parts in flow.items() if all(is_flow_lora_target(p) for p in parts)}
     return {ldm for ldm, diffusers in backend.unet_ldm_to_diffusers(patcher).items() if is_lora_target(diffusers)}
 
 
@@ -223,8 +236,9 @@ def attach_lora(patcher, rank: int, alpha: float, seed: int, keep_ema: bool, swi
             if isinstance(bias, torch.Tensor) and bias.is_inference():
                 backend.add_weight_wrapper(patcher, f"{key}.bias", passthrough)
     if not loras:
-        raise ValueError("this model has no UNet layers the LoRA can train (no >= 2-D weights under "
-                         "diffusion_model); the trainer supports UNet models (SD1.x / SD2.x / SDXL)")
+        raise ValueError(f"this model ({backend.model_architecture(patcher)}) has no layers the LoRA can train (no "
+                         f"ComfyUI name table maps its weights to diffusers' target layers); the trainer supports "
+                         f"UNet models (SD1.x / SD2.x / SDXL) and the flow transformers SD3 / SD3.5 and FLUX.1")
     return loras
 
 
@@ -241,28 +255,69 @@ def native_lora_dict(loras: dict, dtype: torch.dtype) -> dict:
 
 # ----------------------------------------------------------------------------------------------- model calls
 class ComfyModelFn:
-    """model(x_t, t, cond) -> x0 for VP latents x_t and integer timesteps t, through BaseModel.apply_model.
+    """model(x_t, t, cond[, w]) -> x0 through BaseModel.apply_model, for latents x_t on the model's path.
 
-    ComfyUI models live in sigma (VE) space: x_VE = x_VP * sqrt(1 + sigma^2) and apply_model divides it back
-    (calculate_input), finds the integer timestep of sigma in the same table (timestep(sigma)) and returns the
-    denoised x0 for eps, v and x0 models alike (calculate_denoised)."""
+    VP (flow=False): integer timesteps t. ComfyUI models live in sigma (VE) space: x_VE = x_VP * sqrt(1 + sigma^2)
+    and apply_model divides it back (calculate_input), finds the integer timestep of sigma in the same table
+    (timestep(sigma)) and returns the denoised x0 for eps, v and x0 models alike (calculate_denoised).
+    Flow (flow=True): t is sigma itself (float [B]); x = (1 - sigma) x0 + sigma eps is ComfyUI's CONST sampling
+    space (calculate_input is the identity), and apply_model returns x0 = x - sigma v.
+    w: the guidance scales [B] of a model that takes guidance as an input (embedded guidance), passed as its
+    guidance for every sample."""
 
-    def __init__(self, patcher, switch: LoRASwitch, mode: str, dtype: torch.dtype, device: torch.device):
+    def __init__(self, patcher, switch: LoRASwitch, mode: str, dtype: torch.dtype, device: torch.device,
+                 flow: bool = False):
         self.patcher = patcher
         self.switch, self.mode = switch, mode
-        self.sigmas = backend.sigma_table(backend.model_sampling_object(patcher)).to(device)
+        self.flow = flow
+        self.sigmas = None if flow else backend.sigma_table(backend.model_sampling_object(patcher)).to(device)
         self.transformer_options = backend.transformer_options_of(patcher)
         self.autocast = dtype != torch.float32
         self.dtype, self.device = dtype, device
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: dict, w: Optional[torch.Tensor] = None):
         self.switch.mode = self.mode
-        sigma = self.sigmas[t.long()]
-        x_ve = x * vp_to_ve_scale(sigma).reshape(-1, *([1] * (x.ndim - 1)))
+        if self.flow:
+            sigma, x_ve = t.float(), x
+        else:
+            sigma = self.sigmas[t.long()]
+            x_ve = x * vp_to_ve_scale(sigma).reshape(-1, *([1] * (x.ndim - 1)))
+        if w is not None:
+            cond = backend.with_guidance(cond, w.float())
         options = dict(self.transformer_options, sigmas=sigma, cond_or_uncond=[0])
         with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.autocast):
             out = backend.apply_model(self.patcher, x_ve, sigma, options, cond)
         return out.float()
+
+
+@dataclass
+class ModelPath:
+    """What the objective needs to know of a model: its path (VP: VPPath of the model's abar table; flow: a FlowPath
+    on the model's own shifted time), its guidance mode and the settings that name the path."""
+    path: object
+    flow: bool
+    guidance: str = "cfg"
+    settings: dict = field(default_factory=dict)
+
+
+def model_path_of(patcher) -> ModelPath:
+    """The model's path (VP models exactly as before: alphas_cumprod_of) and guidance mode: "embedded" for a model
+    with a guidance input (FLUX.1-dev), else "cfg". Refuses flow models other than SD3 / Flux, and samplings that
+    are neither (LCM-patched, continuous EDM, ...) with the reason."""
+    ms = backend.model_sampling_object(patcher)
+    if not backend.is_flow_sampling(ms):
+        return ModelPath(VPPath(alphas_cumprod_of(patcher)), flow=False)
+    arch = backend.model_architecture(patcher)
+    if arch not in backend.FLOW_MODEL_CLASSES.values():
+        raise ValueError(f"this flow model is {arch}; the TCD trainer distils the flow transformers SD3 / SD3.5 and "
+                         f"FLUX.1 (their LoRA layers are named through ComfyUI's own tables), and discrete "
+                         f"SD1.x / SD2.x / SDXL models")
+    # The patcher's model_sampling (a ModelSamplingSD3 / ModelSamplingFlux node's shift included): the schedule the
+    # model is sampled with, so the skipping grid is the one the distilled sampler walks.
+    sigma_of_time, name = backend.flow_sigma_of_time(backend.model_sampling_of(patcher))
+    guidance = guidance_mode(patcher)
+    return ModelPath(FlowPath(sigma_of_time, name), flow=True, guidance=guidance,
+                     settings={"path": name, "guidance": guidance})
 
 
 def alphas_cumprod_of(patcher) -> torch.Tensor:
@@ -305,6 +360,14 @@ class Batches:
         self.conds = [backend.model_cond_item(patcher, c, (1, *data.latents[i].shape), cpu)
                       for i, c in enumerate(data.conditionings)]
         self.uncond_items = {}
+        patch = backend.latent_patch_size(patcher)
+        odd = [(i, tuple(x.shape[-2:])) for i, x in enumerate(self.x0) if x.shape[-1] % patch or x.shape[-2] % patch]
+        if odd:
+            i, hw = odd[0]
+            raise ValueError(f"latent sample #{i + 1} is {hw[0]}x{hw[1]} ({len(odd)} of {len(self.x0)} samples have "
+                             f"such sizes); this model ({backend.model_architecture(patcher)}) cuts latents into "
+                             f"{patch}x{patch} patches, so latent height and width must be multiples of {patch}. "
+                             f"Use image sizes that are multiples of {8 * patch} (resolution, or crop the images)")
         if data.uncond is not None:
             for shape in self.buckets:
                 idx = self.buckets[shape][0]
@@ -327,17 +390,34 @@ class Batches:
 
 
 # ----------------------------------------------------------------------------------------------- the loop
-def make_objective(cfg: DistillConfig, alphas_cumprod: torch.Tensor):
-    """tcd.losses.make_objective on x0 predictions (ComfyModelFn returns the denoised x0)."""
-    return tcd_make_objective(cfg.objective, alphas_cumprod, original_steps=cfg.original_steps, w_min=cfg.w_min,
+def make_objective(cfg: DistillConfig, path, guidance: str = "cfg"):
+    """tcd.losses.make_objective on x0 predictions (ComfyModelFn returns the denoised x0) on `path` (tcd.paths:
+    VPPath or an abar table for VP models, FlowPath for flow models)."""
+    return tcd_make_objective(cfg.objective, path, original_steps=cfg.original_steps, w_min=cfg.w_min,
                               w_max=cfg.w_max, loss=cfg.loss, huber_c=cfg.huber_c, prediction_type="sample",
-                              tcf_order=cfg.tcf_order, rho=cfg.rho)
+                              tcf_order=cfg.tcf_order, rho=cfg.rho, guidance=guidance)
 
 
-def numeric_config(cfg: DistillConfig, data_fp: str, model_fp: str) -> dict:
+def numeric_config(cfg: DistillConfig, data_fp: str, model_fp: str, path_settings: Optional[dict] = None) -> dict:
+    """The settings a resumed run must share with its checkpoint. Flow models add their path (sampling and shift)
+    and guidance mode; VP runs keep the keys they always had, so their checkpoints resume as before."""
     d = dataclasses.asdict(cfg)
-    d.update(data=data_fp, model=model_fp)
+    d.update(data=data_fp, model=model_fp, **(path_settings or {}))
     return d
+
+
+def guidance_mode(model_patcher) -> str:
+    """"embedded" for a model that takes the guidance scale as an input (FLUX.1-dev), else "cfg"."""
+    return "embedded" if backend.takes_guidance_input(model_patcher) else "cfg"
+
+
+def check_guidance_inputs(guidance: str, uncond) -> None:
+    """A guidance-distilled teacher (embedded guidance) has no unconditional pass: a negative is an error."""
+    if guidance == "embedded" and uncond is not None:
+        raise ValueError("a negative / unconditional conditioning was given, but this model takes the guidance scale "
+                         "as an input (FLUX.1-dev: guidance-distilled, no classifier-free guidance pass): the teacher "
+                         "is called once with the drawn guidance w in [w_min, w_max] and a negative has no meaning. "
+                         "Disconnect the negative; set w_min / w_max to the guidance values to distil (e.g. 2-5)")
 
 
 def train_lora(model_patcher, data: TrainingData, cfg: DistillConfig, checkpoint_path: Path, resume: bool = True,
@@ -388,12 +468,18 @@ class DistillRun:
         self.cfg, self.data, self.checkpoint_path = cfg, data, checkpoint_path
         self.device, self.validation, self.on_save = device, validation, on_save
         self.dtype = backend.training_dtype(cfg.dtype, device)
-        self.loras, self.params, self.checkpointed, self.frozen = {}, [], [], {}
+        self.loras, self.params, self.checkpointed, self.frozen, self.copied, self.hooks = {}, [], [], {}, [], []
         self.patcher = backend.training_clone(model_patcher)
         if self.dtype != torch.float32:
             backend.set_compute_dtype(self.patcher, self.dtype)
-        self.objective = make_objective(cfg, alphas_cumprod_of(self.patcher))   # also refuses LCM / flow sampling
-        self.config = numeric_config(cfg, data.fingerprint(), model_fingerprint(self.patcher))
+        self.model_path = model_path_of(self.patcher)         # also refuses LCM / continuous / unknown samplings
+        check_guidance_inputs(self.model_path.guidance, data.uncond)
+        if self.model_path.guidance == "embedded" and cfg.w_max > EMBEDDED_GUIDANCE_USUAL_MAX:
+            log.warning("TCD trainer: w_max=%g is fed to this guidance-distilled model as its guidance value; "
+                        "FLUX.1-dev is used at 2-5 (the node's defaults 3-15 are CFG scales for UNets)", cfg.w_max)
+        self.objective = make_objective(cfg, self.model_path.path, self.model_path.guidance)
+        self.config = numeric_config(cfg, data.fingerprint(), model_fingerprint(self.patcher),
+                                     self.model_path.settings)
         self.switch = LoRASwitch()
         self.loras = attach_lora(self.patcher, cfg.rank, cfg.alpha, cfg.seed, cfg.ema_decay > 0, self.switch)
         self.params = [p for w in self.loras.values() for p in w.trainable()]
@@ -422,10 +508,15 @@ class DistillRun:
                              f"raise steps, or turn resume off to start over")
         self.frozen = backend.freeze_model(self.patcher)      # given back in close(): the model is shared
         backend.load_for_training(self.patcher)
+        self.copied = backend.copy_inference_parameters(self.patcher)      # none in SD1.x / SDXL UNets
+        flow = self.model_path.flow
+        if flow:       # DiT blocks that add to their residual stream in place (Flux on ComfyUI 0.3.x)
+            self.hooks = backend.copy_norm_inputs(self.patcher)
         if cfg.gradient_checkpointing:
-            self.checkpointed = backend.enable_gradient_checkpointing(self.patcher)
+            self.checkpointed = backend.enable_gradient_checkpointing(self.patcher, copy_inputs=flow)
         self.student, self.target, self.teacher = (ComfyModelFn(self.patcher, self.switch, mode, self.dtype,
-                                                                self.device) for mode in (STUDENT, TARGET, TEACHER))
+                                                                self.device, self.model_path.flow)
+                                                   for mode in (STUDENT, TARGET, TEACHER))
         self.scaler = torch.amp.GradScaler(self.device.type) \
             if self.dtype == torch.float16 and self.device.type == "cuda" else None
         self.batches = Batches(self.data, self.patcher, self.device)
@@ -558,6 +649,8 @@ class DistillRun:
     def close(self) -> None:
         """Give the shared model back as it was: no wrappers, no checkpointing, the same requires_grad flags."""
         self.switch.mode = STUDENT
+        backend.restore_inference_parameters(self.copied)
+        backend.remove_hooks(self.hooks)
         backend.disable_gradient_checkpointing(self.checkpointed)
         for p in self.params:
             p.requires_grad_(False)
@@ -592,7 +685,9 @@ def _restore(saved: dict, config: dict, loras: dict, optimizer, generator, path:
 def _validation_image(patcher, validation: Validation, data: TrainingData) -> torch.Tensor:
     shape = (1, *data.latents[0].shape)
     latent = torch.zeros(shape, dtype=torch.float32)
-    sigmas = validation.sigmas_fn(backend.model_sampling_object(patcher))
+    ms = backend.model_sampling_object(patcher)
+    # flow models: the patcher's sampling (a shift node included), the schedule training used
+    sigmas = validation.sigmas_fn(backend.model_sampling_of(patcher) if backend.is_flow_sampling(ms) else ms)
     samples = backend.sample_latent(patcher, validation.sampler, sigmas, validation.positive, None, 1.0, latent,
                                     validation.seed)
     return _decode(validation.vae, samples)
@@ -669,11 +764,17 @@ def prepare_output_paths(lora_name: str) -> tuple[Path, str, Path]:
 
 
 def write_lora_file(native: dict, path: Path, model_patcher, metadata: dict) -> Path:
-    """The trained LoRA in the pack's canonical form (kohya keys with diffusers module names, which core
-    LoraLoader, the pack's loader and diffusers all read), written atomically."""
+    """The trained LoRA, written atomically. UNets: the pack's canonical form (kohya keys with diffusers module
+    names, which core LoraLoader, the pack's loader and diffusers all read). SD3 / Flux: ComfyUI-native keys
+    (diffusion_model.<ldm module>.lora_up / lora_down / alpha), one layer per trained ldm weight, fused qkv and
+    Flux's linear1 whole, which core LoraLoader and the pack's loader both apply in full (a diffusers name for a
+    fused weight would be one of its slices only)."""
     from ..tcd.files import save_safetensors_atomic
     from ..tcd.lora import comfy_native_to_canonical
-    canonical = comfy_native_to_canonical(native, backend.unet_ldm_to_diffusers(model_patcher),
-                                          backend.unet_weight_shapes(model_patcher))
+    if backend.flow_ldm_to_diffusers(model_patcher):
+        tensors = native
+    else:
+        tensors = comfy_native_to_canonical(native, backend.unet_ldm_to_diffusers(model_patcher),
+                                            backend.unet_weight_shapes(model_patcher))
     path.parent.mkdir(parents=True, exist_ok=True)
-    return save_safetensors_atomic(canonical, path, metadata)
+    return save_safetensors_atomic(tensors, path, metadata)

@@ -7,7 +7,8 @@ Two sources:
   cached on disk (safetensors, keyed by image bytes, caption, resolution and a fingerprint of the VAE and CLIP
   weights), so a second run on the same folder does not encode again.
 
-Latents are kept as ComfyUI LATENT samples (VAE space, not yet scaled by the model's latent format).
+Latents are kept as ComfyUI LATENT samples (VAE space, not yet scaled by the model's latent format; the trainer
+applies it through tcd.backend.process_latent_in), for 4-channel UNet and 16-channel SD3 / Flux latents alike.
 """
 from __future__ import annotations
 
@@ -142,9 +143,10 @@ def _encode_caption(clip, caption: str):
 
 
 def from_image_folder(folder: str, vae, clip, resolution: int, cache_dir: Path | None, base_dir: str | None = None,
-                      uncond=None) -> TrainingData:
+                      uncond=None, empty_prompt_uncond: bool = True) -> TrainingData:
     """Encode a folder of captioned images (cached); the empty prompt is the unconditional conditioning unless
-    one is given."""
+    one is given, or unless empty_prompt_uncond is False (a guidance-distilled teacher such as FLUX.1-dev has no
+    unconditional pass)."""
     if vae is None or clip is None:
         raise ValueError("image_folder needs a VAE and a CLIP to encode images and captions: connect both (e.g. "
                          "from the checkpoint loader)")
@@ -175,8 +177,10 @@ def from_image_folder(folder: str, vae, clip, resolution: int, cache_dir: Path |
         opts = {"pooled_output": cached["pooled_output"].clone()} if "pooled_output" in cached else {}
         conds.append([[cached["cond"].clone(), opts]])
         captions.append(caption)
-    unc = _check_conditioning(uncond, "the negative / unconditional conditioning") if uncond is not None \
-        else clone_conditioning(_encode_caption(clip, ""))
+    if uncond is not None:
+        unc = _check_conditioning(uncond, "the negative / unconditional conditioning")
+    else:
+        unc = clone_conditioning(_encode_caption(clip, "")) if empty_prompt_uncond else None
     return TrainingData(latents, conds, unc, source=f"{len(latents)} images from {str(path)!r}", captions=captions)
 
 

@@ -26,6 +26,33 @@ def unet_ldm_to_diffusers(model_patcher) -> dict[str, str]:
     return mapping
 
 
+def flow_ldm_to_diffusers(model_patcher) -> dict[str, tuple[str, ...]]:
+    """ldm module -> the diffusers module names it holds, for SD3 / Flux (ModelPatcher or BaseModel); {} otherwise.
+
+    Built from ComfyUI's own tables (comfy.utils.mmdit_to_diffusers for SD3, flux_to_diffusers for Flux, with the
+    model's unet_config: the tables its LoRA key map uses). A fused ldm weight holds several diffusers modules:
+    SD3's and Flux's `qkv` (to_q, to_k, to_v as slices) and Flux's single-block `linear1` ([q; k; v; proj_mlp]).
+    Only >= 2-D weights the model has are listed (SD3's last context block, pre-only, has no proj / mlp).
+    """
+    import comfy.utils
+    base_model = getattr(model_patcher, "model", model_patcher)
+    arch = FLOW_MODEL_CLASSES.get(type(base_model).__name__)
+    if arch is None:
+        return {}
+    unet_config = base_model.model_config.unet_config
+    table = (comfy.utils.mmdit_to_diffusers if arch == "SD3" else comfy.utils.flux_to_diffusers)(unet_config)
+    shapes = unet_weight_shapes(base_model)
+    parts: dict[str, list[str]] = {}
+    for diffusers_key, target in table.items():
+        ldm_key = target if isinstance(target, str) else target[0]
+        if not (diffusers_key.endswith(".weight") and ldm_key.endswith(".weight")):
+            continue
+        ldm = ldm_key[:-len(".weight")]
+        if ldm in shapes:
+            parts.setdefault(ldm, []).append(diffusers_key[:-len(".weight")])
+    return {ldm: tuple(sorted(names)) for ldm, names in parts.items()}
+
+
 def unet_weight_shapes(model_patcher) -> dict[str, tuple]:
     """ldm module name -> weight shape for every >= 2-D UNet weight (the layers a LoRA can target)."""
     base_model = getattr(model_patcher, "model", model_patcher)

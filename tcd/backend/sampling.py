@@ -149,3 +149,34 @@ def register_scheduler_function(name: str, handler) -> None:
     comfy.samplers.SCHEDULER_HANDLERS[name] = comfy.samplers.SchedulerHandler(handler)
     if name not in comfy.samplers.SCHEDULER_NAMES:
         comfy.samplers.SCHEDULER_NAMES.append(name)
+
+
+# ----------------------------------------------------------------------------------------------- flow models
+# The flow model samplings the trainer distils on: SD3's (time_snr_shift) and Flux's (exp(mu) shift). Their
+# percent_to_sigma(p) is the model's own shifted sigma at the unshifted time 1 - p.
+FLOW_SAMPLING = ("ModelSamplingDiscreteFlow", "ModelSamplingFlux")
+
+
+def is_flow_sampling(model_sampling) -> bool:
+    """True for a rectified-flow model (ComfyUI's CONST prediction: x = (1 - sigma) x0 + sigma eps)."""
+    return "CONST" in _mro_names(model_sampling)
+
+
+def flow_sigma_of_time(model_sampling):
+    """(sigma_of_time, name) of a flow model: sigma_of_time(t) = percent_to_sigma(1 - t), the model's shifted sigma
+    at unshifted time t in [0, 1] (tcd.paths.FlowPath), and a name with the shift for the run's settings.
+
+    Only SD3's ModelSamplingDiscreteFlow and Flux's ModelSamplingFlux (or core's ModelSamplingSD3 / ModelSamplingFlux
+    nodes built on them) qualify: other CONST samplings (e.g. a ModelSamplingContinuousEDM node on a flow model) have
+    no such time."""
+    names = _mro_names(model_sampling)
+    base = next((n for n in FLOW_SAMPLING if n in names), None)
+    if "CONST" not in names or base is None:
+        raise ValueError(f"the model's sampling is {type(model_sampling).__name__} "
+                         f"({', '.join(sorted(n for n in names if n not in ('object', 'Module')))}); the TCD trainer "
+                         f"distils flow models on SD3's ModelSamplingDiscreteFlow or Flux's ModelSamplingFlux "
+                         f"(and discrete SD1.x / SD2.x / SDXL models). Remove the node that changed the model's "
+                         f"sampling, or use ModelSamplingSD3 / ModelSamplingFlux to set the shift")
+    shift = getattr(model_sampling, "shift", None)
+    name = base if shift is None else f"{base} shift {float(shift):.6g}"
+    return (lambda t: float(model_sampling.percent_to_sigma(1.0 - float(t)))), name

@@ -140,6 +140,25 @@ def apply_model(patcher, x: torch.Tensor, sigma: torch.Tensor, transformer_optio
     return patcher.model.apply_model(x, sigma, transformer_options=transformer_options, **cond)
 
 
+def takes_guidance_input(patcher) -> bool:
+    """True for a guidance-distilled model that takes the guidance scale as an input (FLUX.1-dev: its transformer
+    has a guidance embedding, `params.guidance_embed` / `guidance_in`); False for CFG models (SD1.x-SD3, Flux
+    schnell)."""
+    params = getattr(diffusion_model_of(patcher), "params", None)
+    return bool(getattr(params, "guidance_embed", False))
+
+
+def with_guidance(cond: dict, guidance: torch.Tensor) -> dict:
+    """apply_model keyword tensors with the guidance input replaced by `guidance` [B] (one value per sample), the
+    `guidance` keyword Flux's extra_conds builds from the conditioning's guidance (FluxGuidance, default 3.5)."""
+    return dict(cond, guidance=guidance)
+
+
+def latent_patch_size(patcher) -> int:
+    """The side of the latent patches a DiT (SD3, Flux) cuts its input into (`patch_size`); 1 for UNets."""
+    return int(getattr(diffusion_model_of(patcher), "patch_size", 1) or 1)
+
+
 def transformer_options_of(patcher) -> dict:
     return dict(patcher.model_options.get("transformer_options", {}))
 
@@ -180,32 +199,95 @@ def thaw_model(flags: dict) -> None:
             p.requires_grad_(flag)
 
 
+def copy_inference_parameters(patcher) -> list:
+    """Swap every inference-tensor parameter of the denoising network that no ComfyUI weight wrapper reaches (plain
+    torch modules inside the network: the q / k RMSNorm scales of SD3.5 and Flux) for an ordinary copy, and return
+    what restore_inference_parameters needs to put the originals back.
+
+    A checkpoint loaded inside a prompt holds inference tensors, which autograd may not save for the backward pass;
+    ComfyUI's own ops (Linear, Conv, norms) copy their weight through the trainer's identity wrappers instead.
+    Only parameters are copied (small: norm scales); buffers such as SD3's pos_embed are only added, which saves
+    nothing for the backward pass. Call it after the model is loaded onto the training device."""
+    swapped = []
+    for module in diffusion_model_of(patcher).modules():
+        if hasattr(module, "weight_function"):
+            continue
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_inference():
+                module._parameters[name] = torch.nn.Parameter(param.detach().clone(), requires_grad=False)
+                swapped.append((module, name, param))
+    return swapped
+
+
+def restore_inference_parameters(swapped: list) -> None:
+    """Put back the parameters copy_inference_parameters swapped out (moved to where the copy is now, should the
+    model have been offloaded meanwhile)."""
+    for module, name, original in swapped:
+        current = module._parameters[name]
+        if original.device != current.device:
+            with torch.inference_mode(original.is_inference()):
+                original.data = original.data.to(current.device)
+        module._parameters[name] = original
+
+
 def lora_adapter_weights(adapter) -> tuple[torch.nn.Parameter, torch.nn.Parameter]:
     """(up, down) trainable weights of a comfy.weight_adapter LoRA adapter (create_lora_adapter)."""
     return adapter.lora_up.weight, adapter.lora_down.weight
 
 
-def enable_gradient_checkpointing(patcher) -> list:
+def enable_gradient_checkpointing(patcher, copy_inputs: bool = False) -> list:
     """Recompute each top-level block of the denoising network in the backward pass (torch.utils.checkpoint,
     non-reentrant) instead of keeping its activations; passes without grad (teacher, target) run the plain
     forward. The blocks are the children of the network and the items of its ModuleLists (a UNet's
-    input_blocks / middle_block / output_blocks)."""
+    input_blocks / middle_block / output_blocks, a DiT's joint / double / single blocks).
+
+    copy_inputs: each recorded block runs on copies of its tensor inputs. Blocks that add to their input in place
+    (ComfyUI 0.3.x Flux: `img += ...`, `x += ...`) would otherwise change the very tensors the backward pass
+    recomputes them from, and the recomputed activations (and gradients) would be silently wrong."""
     import torch.utils.checkpoint as cp
+
+    def copied(value):
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
     patched = []
     for child in diffusion_model_of(patcher).children():
         blocks = list(child) if isinstance(child, torch.nn.ModuleList) else [child]
         for block in blocks:
             original = block.forward
 
-            def forward(*args, _original=original, **kwargs):
+            def on_copies(*args, _original=original, **kwargs):
+                return _original(*[copied(a) for a in args], **{k: copied(v) for k, v in kwargs.items()})
+
+            def forward(*args, _original=original, _on_copies=on_copies, **kwargs):
                 if torch.is_grad_enabled():
-                    return cp.checkpoint(_original, *args, use_reentrant=False, **kwargs)
+                    return cp.checkpoint(_on_copies if copy_inputs else _original, *args, use_reentrant=False,
+                                         **kwargs)
                 return _original(*args, **kwargs)
 
             had_instance_forward = "forward" in block.__dict__
             block.forward = forward
             patched.append((block, original if had_instance_forward else None))
     return patched
+
+
+def copy_norm_inputs(patcher) -> list:
+    """While gradients are recorded, hand every norm layer of the denoising network (LayerNorm, RMSNorm) a copy of
+    its input; returns the hook handles (remove_hooks). ComfyUI 0.3.x's Flux blocks add to their residual stream in
+    place (`img += ...` after `img_norm2(img)`, `x += ...` after `pre_norm(x)`), and the norm saved that stream for
+    the backward pass, which autograd refuses ("modified by an inplace operation"). The copy is what the norm saves;
+    values are unchanged, passes without grad (teacher, target) are untouched."""
+    def copy_input(_module, args):
+        if torch.is_grad_enabled() and args and isinstance(args[0], torch.Tensor) and args[0].requires_grad:
+            return (args[0].clone(), *args[1:])
+        return None
+
+    return [module.register_forward_pre_hook(copy_input) for module in diffusion_model_of(patcher).modules()
+            if isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")]
+
+
+def remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 def disable_gradient_checkpointing(patched: list) -> None:

@@ -8,7 +8,8 @@ WORKFLOWS = REPO / "workflows"
 SEED_KEYS = {"seed", "noise_seed"}
 MODEL_KEYS = {"ckpt_name", "lora_name", "unet_name", "vae_name", "clip_name", "clip_name1", "clip_name2"}
 # Which tiny model a workflow runs on in the tests (default: the tiny SD1.5 checkpoint).
-FLOW_KIND = {"sd3_tcd_txt2img": "sd3", "flux_tcd_txt2img": "flux"}
+FLOW_KIND = {"sd3_tcd_txt2img": "sd3", "flux_tcd_txt2img": "flux", "sd3_distill_tcd_lora": "sd3",
+             "flux_distill_tcd_lora": "flux"}
 SIZE_NODES = {"EmptyLatentImage", "EmptySD3LatentImage", "ModelSamplingFlux"}
 
 

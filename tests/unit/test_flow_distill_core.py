@@ -145,6 +145,15 @@ def test_second_order_flow_rows_without_a_midpoint_take_the_first_order_jump_wit
     assert torch.isfinite(x.grad).all() and torch.isfinite(weight.grad)
 
 
+@pytest.mark.parametrize("order", [1, 2])
+def test_a_jump_from_the_clean_end_returns_the_x0_prediction(order):
+    """t = s = sigma 0 (t_n = g[0] on the skipping grid): b_t = 0, so eps is undefined; the TCF is x0_hat, finite."""
+    x = torch.randn(2, 3, 2, 2)
+    zero = batch(0.0, 0.0)
+    got = trajectory_consistency_function(lambda x_in, sigma: 0.5 * x_in, x, zero, zero, FlowPath(), order)
+    assert torch.equal(got, 0.5 * x)
+
+
 # ----------------------------------------------------------------------------------------------- the objectives
 def exact_point_mass_velocity(x, sigma, cond=None, w=None):
     """v = eps - x0 along the straight lines to MU: (x - MU) / sigma, with v(x, 0) taken as 0 (x = MU there)."""
