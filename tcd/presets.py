@@ -32,8 +32,11 @@ from pathlib import Path
 
 from .lora import ARCH_FLUX, ARCH_SD1, ARCH_SD2, ARCH_SD3, ARCH_SDXL, ARCHITECTURES, METADATA_FAMILY_KEY, TCD_FAMILY
 
-# The values the pack's trainers write under METADATA_FAMILY_KEY, so their LoRAs are recognised without guessing.
+# The values the pack's trainers write under METADATA_FAMILY_KEY, so their LoRAs are recognised without guessing;
+# on SD3 / Flux (architecture read from the shapes) the same families have their flow presets.
 TRAINER_FAMILIES = {TCD_FAMILY.lower(): "tcd", "lcm lora": "lcm"}
+FLOW_ARCHITECTURES = (ARCH_SD3, ARCH_FLUX)
+FLOW_VERSIONS = {"tcd": "tcd-flow", "lcm": "lcm-flow"}
 
 # Sources (model cards / repositories) the numbers below are taken from.
 SRC_TCD = "h1t/TCD-SD15-LoRA and h1t/TCD-SDXL-LoRA model cards (https://huggingface.co/h1t/TCD-SDXL-LoRA)"
@@ -87,6 +90,23 @@ PRESETS = (
            {"steps": SRC_TCD + ": num_inference_steps=4", "gamma": SRC_TCD + ": eta=0.3 ('often yields good "
             "results'; 'a higher eta when increasing the number of inference steps')",
             "cfg": SRC_TCD + ": guidance_scale=0", "lora_strength": SRC_TCD + ": pipe.fuse_lora() (scale 1.0)"}),
+    Preset("tcd-flow", "TCD (SD3 / SD3.5 / FLUX.1, trained with this pack)", (ARCH_SD3, ARCH_FLUX), 4, (4, 8), 0.3,
+           50, "x0", 1.0, 1.0, "this pack's TCD sampler on the flow path (docs/flow_distillation.md)",
+           "exact (the sampler the LoRA is distilled for; flow parity: docs/flow_models.md)",
+           {"steps": PACK + ": 4, as TCD's SD cards; measured at 2/4/8 on a small trained SD3-class teacher "
+                     "(README, end to end on a flow model)",
+            "gamma": PACK + ": 0.3, TCD's default eta (" + SRC_TCD + "), the gamma that measurement used",
+            "cfg": PACK + ": 1.0 (the teacher's guidance is distilled into the LoRA, as for TCD-SD cards)",
+            "flux_guidance": PACK + ": 3.5, FLUX.1-dev's default; any value in the w range the LoRA was trained on",
+            "lora_strength": PACK + ": 1.0 (the trainer's alpha / rank scaling is in the file)"},
+           flux_guidance=3.5),
+    Preset("lcm-flow", "LCM baseline (SD3 / SD3.5 / FLUX.1, trained with this pack)", (ARCH_SD3, ARCH_FLUX), 4,
+           (2, 8), 1.0, 50, "x0", 1.0, 1.0, "LCM's multistep sampling on the flow path: x0, re-noise to the next sigma",
+           "exact: gamma 1 on a flow model is LCM's step (s = 0; docs/flow_models.md)",
+           {"steps": PACK + ": 4, as LCM-LoRA's card", "gamma": PACK + ": 1, LCM's step",
+            "cfg": PACK + ": 1.0", "flux_guidance": PACK + ": 3.5, FLUX.1-dev's default",
+            "lora_strength": PACK + ": 1.0"},
+           flux_guidance=3.5),
     Preset("hyper-sd-unified", "Hyper-SD 1-step unified (SD1.5 / SDXL)", (ARCH_SD1, ARCH_SDXL), 1, (1, 8), 1.0, 50,
            "diffusers", 1.0, 1.0, "diffusers TCDScheduler, eta 1.0 at 1 step", "exact (diffusers TCDScheduler)",
            {"steps": SRC_HYPER + ": 'Unified LoRA (support 1 to 8 steps inference)', num_inference_steps=1",
@@ -246,9 +266,9 @@ def _family_from_text(low: str, architecture: str | None) -> str | None:
     if "lightning" in low:
         return "lightning"
     if _word(low, "tcd"):
-        return "tcd"
+        return "tcd-flow" if architecture in FLOW_ARCHITECTURES else "tcd"
     if _word(low, "lcm"):
-        return "lcm"
+        return "lcm-flow" if architecture in FLOW_ARCHITECTURES else "lcm"
     return None
 
 
@@ -263,7 +283,8 @@ def detect_family(metadata: dict | None, filename: str, architecture: str | None
     name = Path(filename).name
     steps_text = name.lower()
     if declared in TRAINER_FAMILIES or declared in BY_KEY:
-        return Detection(TRAINER_FAMILIES.get(declared, declared), None,
+        key = TRAINER_FAMILIES.get(declared, declared)
+        return Detection(FLOW_VERSIONS.get(key, key) if architecture in FLOW_ARCHITECTURES else key, None,
                          f"metadata {METADATA_FAMILY_KEY}={metadata[METADATA_FAMILY_KEY]!r}")
     sources = [(f"metadata {k}", str(metadata[k])) for k in ("ss_output_name", "modelspec.title",
                                                             "modelspec.description", "ss_training_comment")

@@ -266,6 +266,7 @@ def test_saved_lora_is_applied_in_full_by_the_packs_and_cores_loader(env, kind):
     print(info)
     assert len(core.patches) == len(pack.patches) == len(layers)
     assert f"{len(layers)}/{len(layers)}" in info
+    assert "family: TCD (SD3 / SD3.5 / FLUX.1, trained with this pack)" in info      # the flow preset, not SD's
     base_sd = m["model"].model.state_dict()
     for layer in layers:
         key = f"diffusion_model.{layer}.weight"

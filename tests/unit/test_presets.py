@@ -41,6 +41,11 @@ SHAPE = (2, 4, 8, 8)
     ("stcdx.safetensors", {}, None, None, None),
     ("my_lora.safetensors", {"tcd.family": "TCD LoRA"}, tl.ARCH_SD1, "tcd", None),
     ("my_lora.safetensors", {"tcd.family": "LCM LoRA"}, tl.ARCH_SD1, "lcm", None),
+    ("my_lora.safetensors", {"tcd.family": "TCD LoRA"}, tl.ARCH_SD3, "tcd-flow", None),
+    ("my_lora.safetensors", {"tcd.family": "TCD LoRA"}, tl.ARCH_FLUX, "tcd-flow", None),
+    ("my_lora.safetensors", {"tcd.family": "LCM LoRA"}, tl.ARCH_FLUX, "lcm-flow", None),
+    ("flux_tcd_lora.safetensors", {}, tl.ARCH_FLUX, "tcd-flow", None),
+    ("sd3_lcm_lora.safetensors", {}, tl.ARCH_SD3, "lcm-flow", None),
     ("my_lora.safetensors", {"ss_output_name": "tcd_sdxl_v1"}, tl.ARCH_SDXL, "tcd", None),
     ("my_lora.safetensors", {"modelspec.title": "Hyper-SD 2 steps"}, tl.ARCH_SDXL, "hyper-sd-nstep", 2),
 ])
