@@ -1,4 +1,4 @@
-"""TCD distillation of a LoRA for diffusers SD1.x/SD2.x/SDXL under HF accelerate (multi-GPU, multi-node).
+"""TCD distillation of a LoRA for diffusers SD1.x/SD2.x/SDXL and SD3 under HF accelerate (multi-GPU, multi-node).
 
     accelerate launch -m train.accelerate_tcd --pretrained_model <diffusers folder | .safetensors> \
         --train_data_dir <images + .txt captions> --output_dir <out> [options]
@@ -9,6 +9,11 @@ the LCM objective replaced by `tcd.losses.TCDLoss` (no math here): PEFT LoRA on 
 modules; teacher = the same UNet with its adapters disabled (one model copy); target = the online LoRA under
 no_grad, or an EMA of it (`--ema_decay`). The saved LoRA is what `StableDiffusion[XL]Pipeline.save_lora_weights`
 writes, so diffusers' `load_lora_weights` and the pack's TCD LoRA Loader read it.
+
+SD3 (a StableDiffusion3Pipeline folder) trains the same way on its transformer (train.accelerate_flow): the objective
+on the model's rectified-flow path with velocity outputs, PEFT LoRA on the DiT blocks' attention and MLP linears
+(tcd.lora_targets.is_flow_lora_target), saved as StableDiffusion3Pipeline.save_lora_weights writes it
+("transformer." + PEFT names). Flux folders are refused with a message.
 
 Results do not depend on how a global batch is split: the sample at global stream position p (a fixed,
 seeded permutation of the sorted dataset per epoch) is processed with its own generator seeded from (seed, p),
@@ -46,11 +51,13 @@ except ImportError:
     from tcd import losses as tcd_losses
     from tcd.files import save_safetensors_atomic
     from tcd.lora_targets import LORA_TARGET_MODULES
+from . import accelerate_flow as flow
 from . import images as training_images
 
-ARCHITECTURES = ("sd", "sdxl")
-PIPELINE_CLASS_TO_ARCH = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
-DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024}
+ARCHITECTURES = ("sd", "sdxl") + flow.FLOW_ARCHITECTURES
+PIPELINE_CLASS_TO_ARCH = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+                          **{cls: arch for arch, cls in flow.PIPELINE_CLASS.items()}}
+DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024}
 STATE_FILES = ("training_state.json", "lora_state.safetensors", "optimizer.bin")
 LOG_FILE = "train_log.jsonl"
 # Independent random streams derived from (seed, stream, index): see sample_seed().
@@ -66,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.accelerate_tcd",
         description="Distil a TCD LoRA (Trajectory Consistency Distillation, arXiv 2402.19159) from a diffusers "
-                    "SD1.x/SD2.x/SDXL model. Launch with `accelerate launch -m train.accelerate_tcd` for several "
-                    "GPUs/nodes (DDP, DeepSpeed, FSDP through accelerate's config).")
+                    "SD1.x/SD2.x/SDXL or SD3 model. Launch with `accelerate launch -m train.accelerate_tcd` for "
+                    "several GPUs/nodes (DDP, DeepSpeed, FSDP through accelerate's config).")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model", required=True,
                    help="local diffusers pipeline folder (model_index.json) or single-file checkpoint (.safetensors)")
@@ -75,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="for a single-file checkpoint: a local diffusers folder (model_index.json + component configs "
                         "+ tokenizer) or hub id giving the configs; without it diffusers fetches the default ones")
     g.add_argument("--arch", choices=("auto",) + ARCHITECTURES, default="auto",
-                   help="sd = SD1.x/SD2.x (StableDiffusionPipeline), sdxl = SDXL base; auto detects it")
+                   help="sd = SD1.x/SD2.x (StableDiffusionPipeline), sdxl = SDXL base, sd3 = SD3/SD3.5 "
+                        "(StableDiffusion3Pipeline folder, T5 optional); auto detects it")
     g.add_argument("--vae_path", default=None,
                    help="optional replacement VAE (diffusers folder or .safetensors), e.g. an fp16-safe SDXL VAE")
     g.add_argument("--variant", default=None, help="weights variant of a diffusers folder (e.g. fp16)")
@@ -84,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="folder of images (.png/.jpg/.jpeg/.webp/.bmp, sub-folders included), each with a .txt "
                         "caption of the same name")
     g.add_argument("--resolution", type=int, default=None, help="square training size in pixels (default 512 for "
-                                                                   "sd, 1024 for sdxl); must be divisible by 8")
+                                                                   "sd, 1024 for sdxl and sd3); must be divisible by "
+                                                                   "8 (sd3: by 16, the VAE's 8 x the patch size)")
     g.add_argument("--random_crop", action="store_true", help="random instead of center crop")
     g.add_argument("--random_flip", action="store_true", help="horizontal flip with probability 0.5")
     g.add_argument("--dataloader_num_workers", type=int, default=2)
@@ -147,7 +156,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest' (newest checkpoint-<step> in --output_dir) or a checkpoint folder")
     g.add_argument("--validation_prompts", nargs="*", default=[])
     g.add_argument("--validation_steps", type=int, default=0, help="sample the validation prompts every N steps "
-                                                                     "with diffusers' TCDScheduler (0: off)")
+                                                                     "with diffusers' TCDScheduler (sd3: the pack's "
+                                                                     "TCD sampler) (0: off)")
     g.add_argument("--validation_inference_steps", type=int, default=4)
     g.add_argument("--validation_gamma", type=float, default=0.3, help="TCDScheduler eta (gamma)")
     g.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto",
@@ -166,6 +176,11 @@ class Plan:
     resume_dir: Path | None = None
     resume_step: int = 0
     report_to: str | None = None
+    flow_configs: dict | None = None            # a flow model's scheduler and transformer configs (accelerate_flow)
+
+    @property
+    def is_flow(self) -> bool:
+        return self.arch in flow.FLOW_ARCHITECTURES
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -189,6 +204,12 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--arch {args.arch} does not match the model: {str(model)!r} is {detected!r}. "
                           f"Use --arch auto or {detected}.")
     arch = detected
+    flow_configs = None
+    if arch in flow.FLOW_ARCHITECTURES:
+        try:
+            flow_configs = flow.check_folder(model, arch)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     if args.model_config is not None:
         if not single_file:
             raise ConfigError("--model_config is only for single-file checkpoints; a diffusers folder carries "
@@ -209,6 +230,11 @@ def validate_args(args: argparse.Namespace) -> Plan:
     if resolution <= 0 or resolution % 8:
         raise ConfigError(f"--resolution {resolution} is not a positive multiple of 8 (the VAE downsamples by 8); "
                           f"use e.g. {max(8, (max(resolution, 8) // 8) * 8)} or {DEFAULT_RESOLUTION[arch]}.")
+    if flow_configs is not None and resolution % flow.resolution_step(flow_configs):
+        step = flow.resolution_step(flow_configs)
+        raise ConfigError(f"--resolution {resolution} is not a multiple of {step}: the {arch} transformer cuts the "
+                          f"latent (1/8 of the image) into patches of {step // 8}; use e.g. "
+                          f"{max(step, (resolution // step) * step)} or {DEFAULT_RESOLUTION[arch]}.")
     for name, low in (("train_batch_size", 1), ("gradient_accumulation_steps", 1), ("max_train_steps", 1),
                       ("lora_rank", 1), ("original_steps", 1), ("checkpointing_steps", 0),
                       ("validation_steps", 0), ("validation_inference_steps", 1), ("dataloader_num_workers", 0),
@@ -237,7 +263,11 @@ def validate_args(args: argparse.Namespace) -> Plan:
                                                (Path(args.model_config) if args.model_config else None))
     # Everything else about the loss (w range, loss type, huber_c, grid) is checked by tcd.losses itself.
     try:
-        _make_objective(args, torch.linspace(0.9991, 0.0047, num_train_timesteps), "epsilon")
+        if flow_configs is not None:
+            flow.make_objective(args, flow_configs["scheduler"], resolution,
+                                int(flow_configs["transformer"].get("patch_size", 2)), _make_objective)
+        else:
+            _make_objective(args, torch.linspace(0.9991, 0.0047, num_train_timesteps), "epsilon")
     except ValueError as e:
         raise ConfigError(str(e)) from None
     if args.use_8bit_adam and not _importable("bitsandbytes"):
@@ -263,7 +293,7 @@ def validate_args(args: argparse.Namespace) -> Plan:
                           f"{str(probe)!r}); choose a writable folder.")
 
     plan = Plan(arch=arch, single_file=single_file, items=items, resolution=resolution,
-                num_train_timesteps=num_train_timesteps, report_to=report_to)
+                num_train_timesteps=num_train_timesteps, report_to=report_to, flow_configs=flow_configs)
     if args.resume_from_checkpoint:
         plan.resume_dir, plan.resume_step = resolve_resume(args.resume_from_checkpoint, out)
         if plan.resume_step >= args.max_train_steps:
@@ -290,7 +320,8 @@ def _num_train_timesteps(folder: Path | None) -> int:
 
 
 def detect_architecture(model: Path) -> str:
-    """'sd' or 'sdxl' from a diffusers folder's model_index.json or a single file's tensor names (header only)."""
+    """'sd', 'sdxl' or 'sd3' from a diffusers folder's model_index.json or a single file's tensor names (header
+    only; single files are SD1.x/SD2.x/SDXL)."""
     if model.is_dir():
         index = model / "model_index.json"
         if not index.is_file():
@@ -301,9 +332,13 @@ def detect_architecture(model: Path) -> str:
             cls = json.loads(index.read_text()).get("_class_name")
         except (OSError, ValueError) as e:
             raise ConfigError(f"cannot read {str(index)!r}: {e}") from None
+        if cls in flow.REFUSED_PIPELINES:
+            raise ConfigError(f"unknown architecture for this CLI: {str(index)!r} names {cls!r}. "
+                              f"{flow.REFUSED_PIPELINES[cls]}")
         if cls not in PIPELINE_CLASS_TO_ARCH:
             raise ConfigError(f"unknown architecture: {str(index)!r} names {cls!r}; supported are "
-                              f"{sorted(PIPELINE_CLASS_TO_ARCH)} (SD1.x/SD2.x and SDXL base UNets).")
+                              f"{sorted(PIPELINE_CLASS_TO_ARCH)} (SD1.x/SD2.x and SDXL base UNets, SD3 "
+                              f"transformers).")
         return PIPELINE_CLASS_TO_ARCH[cls]
     if model.suffix.lower() != ".safetensors":
         raise ConfigError(f"{model.name!r}: single-file checkpoints must be .safetensors (pickled .ckpt/.pt files "
@@ -486,18 +521,25 @@ def apply_recipe(args) -> None:
             setattr(args, key, value)
 
 
-def _make_objective(args, alphas_cumprod, prediction_type):
-    """tcd.losses.make_objective, as the node builds it; it takes one generator per sample (a list), so the draws
-    never depend on how a batch is split."""
-    return tcd_losses.make_objective(args.objective, alphas_cumprod, original_steps=args.original_steps,
+def _make_objective(args, path, prediction_type, guidance="cfg"):
+    """tcd.losses.make_objective, as the node builds it, on `path` (an abar table for the VP models, a
+    tcd.paths.FlowPath for flow models); it takes one generator per sample (a list), so the draws never depend on how
+    a batch is split."""
+    return tcd_losses.make_objective(args.objective, path, original_steps=args.original_steps,
                                      w_min=args.w_min, w_max=args.w_max, loss=args.loss, huber_c=args.huber_c,
-                                     prediction_type=prediction_type, tcf_order=args.tcf_order, rho=args.rho)
+                                     prediction_type=prediction_type, tcf_order=args.tcf_order, rho=args.rho,
+                                     guidance=guidance)
 
 
 # ================================================================================================ models
 def load_pipeline(args, plan: Plan):
     """The diffusers pipeline (float32, CPU) from a folder or a single file; SD gets no safety checker."""
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    if plan.is_flow:
+        pipe = flow.load_pipeline(args.pretrained_model, plan.arch, args.variant)
+        if args.vae_path:
+            pipe.vae = _load_vae(args.vae_path)
+        return pipe
     cls = StableDiffusionXLPipeline if plan.arch == "sdxl" else StableDiffusionPipeline
     extra = {} if plan.arch == "sdxl" else dict(safety_checker=None, feature_extractor=None,
                                                  requires_safety_checker=False)
@@ -509,30 +551,45 @@ def load_pipeline(args, plan: Plan):
         pipe = cls.from_pretrained(str(args.pretrained_model), dtype=torch.float32, variant=args.variant,
                                    **extra)
     if args.vae_path:
-        from diffusers import AutoencoderKL
-        vae_path = Path(args.vae_path).expanduser()
-        pipe.vae = (AutoencoderKL.from_single_file(str(vae_path), dtype=torch.float32) if vae_path.is_file()
-                    else AutoencoderKL.from_pretrained(str(vae_path), dtype=torch.float32))
+        pipe.vae = _load_vae(args.vae_path)
     return pipe
 
 
-def add_lora(unet, rank: int, alpha: float):
-    """PEFT LoRA on the LCM-LoRA recipe's target modules; returns the (name, parameter) list it trains."""
+def _load_vae(path):
+    from diffusers import AutoencoderKL
+    vae_path = Path(path).expanduser()
+    return (AutoencoderKL.from_single_file(str(vae_path), dtype=torch.float32) if vae_path.is_file()
+            else AutoencoderKL.from_pretrained(str(vae_path), dtype=torch.float32))
+
+
+def add_lora(model, rank: int, alpha: float, target_modules=None):
+    """PEFT LoRA on `target_modules` (default: the LCM-LoRA recipe's UNet targets; a flow transformer passes its
+    exact module names); returns the (name, parameter) list it trains."""
     from peft import LoraConfig
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
-                                target_modules=list(LORA_TARGET_MODULES)))
-    trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    model.add_adapter(LoraConfig(r=rank, lora_alpha=alpha, init_lora_weights=True,
+                                 target_modules=list(target_modules or LORA_TARGET_MODULES)))
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
-        raise RuntimeError("the LoRA matched no module of this UNet")
+        raise RuntimeError("the LoRA matched no module of this model")
     for _, p in trainable:                     # LoRA and its optimizer state in float32 (mixed precision or not)
         p.data = p.data.float()
     return trainable
 
 
-def unet_output(unet, x, t, cond):
-    return unet(x, t, encoder_hidden_states=cond["embeds"], added_cond_kwargs=cond.get("added"),
-                return_dict=False)[0]
+def unet_call(x, t, cond):
+    """model(x_t, t, cond) of a diffusers UNet as (args, kwargs) of its forward (see call_model)."""
+    return (x, t), {"encoder_hidden_states": cond["embeds"], "added_cond_kwargs": cond.get("added"),
+                    "return_dict": False}
+
+
+def call_model(model, call, x, t, cond, params=None):
+    """The raw output of `model` (a UNet / transformer, its DDP wrapper) at (x_t, t, cond); with `params` (the EMA
+    LoRA) the module runs with those parameters in place of its own (torch.func.functional_call)."""
+    args, kwargs = call(x, t, cond)
+    if params is not None:
+        return torch.func.functional_call(model, params, args, kwargs, strict=False)[0]
+    return model(*args, **kwargs)[0]
 
 
 class Student:
@@ -540,13 +597,13 @@ class Student:
     all-reduce), later calls (the 2nd-order TCF midpoint) use the module itself; their gradients reach the same
     parameters, so DDP reduces the summed gradient once."""
 
-    def __init__(self, wrapped, module):
-        self.wrapped, self.module, self.calls = wrapped, module, 0
+    def __init__(self, wrapped, module, call=unet_call):
+        self.wrapped, self.module, self.call, self.calls = wrapped, module, call, 0
 
     def __call__(self, x, t, cond):
         model = self.wrapped if self.calls == 0 else self.module
         self.calls += 1
-        return unet_output(model, x, t, cond)
+        return call_model(model, self.call, x, t, cond)
 
 
 class LoraEMA:
@@ -576,6 +633,13 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, target_size, dtype) -> torch.T
     diffusers' StableDiffusionXLPipeline builds add_time_ids (SDXL paper, section 2.2)."""
     return torch.tensor([list(o) + list(c) + list(target_size) for o, c in zip(original_sizes, crop_top_lefts)],
                         dtype=dtype)
+
+
+def make_conditioner(pipe, plan: Plan, device):
+    """Captions -> (cond, uncond) for the model's call: the UNet's (Conditioner) or SD3's (accelerate_flow)."""
+    if plan.is_flow:
+        return flow.SD3Conditioner(pipe, device)
+    return Conditioner(pipe, plan.arch, plan.resolution, device)
 
 
 class Conditioner:
@@ -642,15 +706,16 @@ def lora_state_dict(unet, rank: int, alpha: float, shadow: dict | None = None) -
             for k, v in sd.items()}
 
 
-def save_lora(pipe_cls, state_dict: dict, output_dir: Path, name: str, metadata: dict) -> Path:
-    """diffusers' `save_lora_weights` (its key layout, "unet." + PEFT names) into a temporary folder, then the
-    file re-written atomically as `output_dir/name` with the pack's metadata added: `tcd.family` lets the TCD
-    LoRA Loader show TCD's presets; diffusers ignores metadata it does not know."""
+def save_lora(pipe_cls, state_dict: dict, output_dir: Path, name: str, metadata: dict,
+              component: str = "unet") -> Path:
+    """diffusers' `save_lora_weights` (its key layout, "unet." / "transformer." + PEFT names) into a temporary
+    folder, then the file re-written atomically as `output_dir/name` with the pack's metadata added: `tcd.family` lets
+    the TCD LoRA Loader show TCD's presets; diffusers ignores metadata it does not know."""
     from safetensors import safe_open
     tmp = output_dir / f".{name}.tmpdir"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        pipe_cls.save_lora_weights(str(tmp), unet_lora_layers=state_dict, weight_name=name)
+        pipe_cls.save_lora_weights(str(tmp), weight_name=name, **{f"{component}_lora_layers": state_dict})
         with safe_open(str(tmp / name), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
             written = dict(f.metadata() or {})
@@ -670,7 +735,10 @@ def lora_metadata(args, plan: Plan, step: int) -> dict:
 # ================================================================================================ validation
 @torch.no_grad()
 def run_validation(pipe, args, plan: Plan, accelerator, step: int, output_dir: Path):
-    """Sample each validation prompt with diffusers' TCDScheduler (guidance 0, eta = gamma) and save PNGs."""
+    """Sample each validation prompt with diffusers' TCDScheduler (guidance 0, eta = gamma), or for a flow model
+    with the pack's TCD sampler (accelerate_flow.sample_image), and save PNGs."""
+    if plan.is_flow:
+        return _flow_validation(pipe, args, plan, accelerator, step, output_dir)
     from diffusers import TCDScheduler
     original = pipe.scheduler
     pipe.scheduler = TCDScheduler.from_config(original.config)
@@ -689,10 +757,28 @@ def run_validation(pipe, args, plan: Plan, accelerator, step: int, output_dir: P
                 images.append(np.asarray(image))
     finally:
         pipe.scheduler = original
+    _log_images(accelerator, images, step)
+    return images
+
+
+def _flow_validation(pipe, args, plan: Plan, accelerator, step: int, output_dir: Path):
+    folder = output_dir / "validation"
+    folder.mkdir(parents=True, exist_ok=True)
+    images = []
+    with accelerator.autocast():
+        for i, prompt in enumerate(args.validation_prompts):
+            image = flow.sample_image(pipe, prompt, args.validation_inference_steps, args.validation_gamma,
+                                      args.original_steps, plan.resolution, args.seed + i, accelerator.device)
+            image.save(folder / f"step-{step:06d}-{i}.png")
+            images.append(np.asarray(image))
+    _log_images(accelerator, images, step)
+    return images
+
+
+def _log_images(accelerator, images: list, step: int) -> None:
     for tracker in accelerator.trackers:
         if tracker.name == "tensorboard":
             tracker.writer.add_images("validation", np.stack(images), step, dataformats="NHWC")
-    return images
 
 
 # ================================================================================================ training
@@ -700,10 +786,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         plan = validate_args(args)
+        # (train raises ConfigError too, for what only the loaded models show: a VAE or text encoder that does not
+        # fit the SD3 transformer)
+        train(args, plan)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    train(args, plan)
     return 0
 
 
@@ -715,7 +803,8 @@ class Run:
     accelerator: object
     output_dir: Path
     pipe: object = None
-    unet: object = None
+    denoiser: object = None                     # the UNet or the flow transformer
+    call: object = None                         # model(x_t, t, cond) as the denoiser's (args, kwargs)
     vae: object = None
     objective: object = None
     rank: int = 0
@@ -724,8 +813,8 @@ class Run:
     ema: object = None
     optimizer: object = None
     lr_scheduler: object = None
-    wrapped: object = None                      # the UNet as accelerate prepared it (DDP on several processes)
-    module: object = None                       # the plain UNet with its PEFT adapter
+    wrapped: object = None                      # the denoiser as accelerate prepared it (DDP on several processes)
+    module: object = None                       # the plain denoiser with its PEFT adapter
     start_step: int = 0
     t0: float = 0.0                             # wall clock at the first optimizer step of this run
 
@@ -765,24 +854,39 @@ def start_run(args, plan: Plan) -> Run:
 
 def load_models(run: Run) -> None:
     """Frozen weights in the mixed-precision dtype (the VAE in float32 where its config asks to upcast, as SDXL's),
-    and the objective on the pipeline's own noise schedule and prediction type."""
+    and the objective on the pipeline's own noise schedule and prediction type (SD3: its flow path, velocity)."""
     from diffusers import DDPMScheduler
     device = run.accelerator.device
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(run.accelerator.mixed_precision,
                                                                         torch.float32)
-    pipe = load_pipeline(run.args, run.plan)
-    unet, vae = pipe.unet, pipe.vae
-    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    plan = run.plan
+    pipe = load_pipeline(run.args, plan)
+    if plan.is_flow:
+        try:
+            flow.check_components(pipe)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        denoiser, text_encoders = flow.denoiser_of(pipe), flow.text_encoders_of(pipe)
+    else:
+        denoiser = pipe.unet
+        text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    vae = pipe.vae
     for m in [vae, *text_encoders]:
         m.requires_grad_(False)
     vae.to(device, dtype=torch.float32 if getattr(vae.config, "force_upcast", False) else weight_dtype)
     for m in text_encoders:
         m.to(device, dtype=weight_dtype)
-    unet.to(device, dtype=weight_dtype)
+    denoiser.to(device, dtype=weight_dtype)
     sched_cfg = pipe.scheduler.config
-    alphas_cumprod = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
-    run.pipe, run.unet, run.vae = pipe, unet, vae
-    run.objective = _make_objective(run.args, alphas_cumprod, sched_cfg.get("prediction_type", "epsilon"))
+    run.pipe, run.denoiser, run.vae = pipe, denoiser, vae
+    if plan.is_flow:
+        run.call = flow.TransformerCall(sched_cfg.get("num_train_timesteps", 1000))
+        run.objective = flow.make_objective(run.args, dict(sched_cfg), plan.resolution,
+                                            denoiser.config.patch_size, _make_objective)
+    else:
+        run.call = unet_call
+        alphas_cumprod = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
+        run.objective = _make_objective(run.args, alphas_cumprod, sched_cfg.get("prediction_type", "epsilon"))
 
 
 def attach_lora_and_optimizer(run: Run) -> None:
@@ -792,10 +896,13 @@ def attach_lora_and_optimizer(run: Run) -> None:
     args = run.args
     run.rank, run.alpha = args.lora_rank, float(args.lora_alpha if args.lora_alpha is not None else args.lora_rank)
     torch.manual_seed(args.seed)
-    run.named_trainable = add_lora(run.unet, run.rank, run.alpha)
+    targets = flow.lora_target_names(run.denoiser) if run.plan.is_flow else None
+    run.named_trainable = add_lora(run.denoiser, run.rank, run.alpha, targets)
+    if targets is not None:
+        _check_lora_covers(run.denoiser, targets)
     params = [p for _, p in run.named_trainable]
     if args.gradient_checkpointing:
-        run.unet.enable_gradient_checkpointing()
+        run.denoiser.enable_gradient_checkpointing()
     run.ema = LoraEMA(run.named_trainable, args.ema_decay) if args.ema_decay > 0 else None
     if args.use_8bit_adam:
         import bitsandbytes as bnb
@@ -808,15 +915,25 @@ def attach_lora_and_optimizer(run: Run) -> None:
     # process), so the schedule does not depend on the number of processes.
     run.lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer, num_warmup_steps=args.lr_warmup_steps,
                                      num_training_steps=args.max_train_steps)
-    run.wrapped, run.optimizer = run.accelerator.prepare(run.unet, optimizer)
+    run.wrapped, run.optimizer = run.accelerator.prepare(run.denoiser, optimizer)
     run.module = run.accelerator.unwrap_model(run.wrapped)
     run.accelerator.register_for_checkpointing(run.lr_scheduler)
     if run.ema is not None:
         run.accelerator.register_for_checkpointing(run.ema)
 
 
+def _check_lora_covers(model, targets) -> None:
+    """PEFT put a LoRA on exactly the named modules (exact names in target_modules can still match by suffix)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    got = {n for n, m in model.named_modules() if isinstance(m, BaseTunerLayer)}
+    if got != set(targets):
+        raise RuntimeError(f"the LoRA landed on {sorted(got ^ set(targets))[:5]} (expected exactly the "
+                           f"{len(targets)} target modules)")
+
+
 def register_lora_checkpointing(run: Run) -> None:
-    """Checkpoints hold the LoRA only (not the frozen UNet): accelerate's save/load hooks, as diffusers' scripts."""
+    """Checkpoints hold the LoRA only (not the frozen UNet / transformer): accelerate's save/load hooks, as
+    diffusers' scripts."""
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file
     accelerator, module = run.accelerator, run.module
@@ -868,30 +985,26 @@ def data_loader(run: Run):
 
 
 def tcd_models(run: Run):
-    """The three models of tcd.losses, all on the one UNet: student (LoRA, trained), teacher (adapters off, as
-    diffusers' SDXL LCM-LoRA script), target (the EMA LoRA, or the online one)."""
-    module, ema = run.module, run.ema
-    student = Student(run.wrapped, module)
+    """The three models of tcd.losses, all on the one UNet / transformer: student (LoRA, trained), teacher
+    (adapters off, as diffusers' SDXL LCM-LoRA script), target (the EMA LoRA, or the online one)."""
+    module, ema, call = run.module, run.ema, run.call
+    student = Student(run.wrapped, module, call)
 
     def teacher(x, t, cond):
         module.disable_adapters()
         try:
-            return unet_output(module, x, t, cond)
+            return call_model(module, call, x, t, cond)
         finally:
             module.enable_adapters()
 
     def target(x, t, cond):
-        if ema is None:
-            return unet_output(module, x, t, cond)
-        return torch.func.functional_call(module, ema.shadow, (x, t),
-                                          {"encoder_hidden_states": cond["embeds"],
-                                           "added_cond_kwargs": cond.get("added"), "return_dict": False},
-                                          strict=False)[0]
+        return call_model(module, call, x, t, cond, params=None if ema is None else ema.shadow)
     return student, teacher, target
 
 
 def encode_latents(run: Run, pixels: torch.Tensor, generators: list) -> torch.Tensor:
-    """VAE latents in the UNet's space, each sample's posterior drawn from its own generator; in chunks: a float32
+    """VAE latents in the denoiser's space ((z - shift_factor) * scaling_factor; SD1.x/SDXL have no shift), each
+    sample's posterior drawn from its own generator; in chunks: a float32
     VAE encoder holds ~0.6 GB of activations per 512 px image, ~2.6 GB at 1024 px."""
     vae, chunk = run.vae, run.args.vae_batch_size
     with torch.no_grad():
@@ -907,7 +1020,7 @@ def train_steps(run: Run) -> int:
     from tqdm.auto import tqdm
     args, plan, accelerator = run.args, run.plan, run.accelerator
     loader = data_loader(run)
-    conditioner = Conditioner(run.pipe, plan.arch, plan.resolution, accelerator.device)
+    conditioner = make_conditioner(run.pipe, plan, accelerator.device)
     if accelerator.is_main_process and plan.report_to:
         accelerator.init_trackers("tcd-lora", config={k: v for k, v in vars(args).items()
                                                       if isinstance(v, (int, float, str, bool))})
@@ -973,17 +1086,20 @@ def train_steps(run: Run) -> int:
 
 def finish(run: Run, step: int) -> Path:
     """The LoRA in diffusers' load_lora_weights format (and the EMA one beside it), and the last validation."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    import diffusers
     args, plan, accelerator = run.args, run.plan, run.accelerator
-    pipe_cls = StableDiffusionXLPipeline if plan.arch == "sdxl" else StableDiffusionPipeline
+    pipe_cls = type(run.pipe) if plan.is_flow else (diffusers.StableDiffusionXLPipeline if plan.arch == "sdxl"
+                                                     else diffusers.StableDiffusionPipeline)
+    component = "transformer" if plan.is_flow else "unet"
     accelerator.wait_for_everyone()
     final = run.output_dir / args.lora_name
     if accelerator.is_main_process:
         meta = lora_metadata(args, plan, step)
-        save_lora(pipe_cls, lora_state_dict(run.module, run.rank, run.alpha), run.output_dir, args.lora_name, meta)
+        save_lora(pipe_cls, lora_state_dict(run.module, run.rank, run.alpha), run.output_dir, args.lora_name, meta,
+                  component)
         if run.ema is not None:
             save_lora(pipe_cls, lora_state_dict(run.module, run.rank, run.alpha, run.ema.shadow), run.output_dir,
-                      args.lora_name.replace(".safetensors", "_ema.safetensors"), meta)
+                      args.lora_name.replace(".safetensors", "_ema.safetensors"), meta, component)
         run.log(f"saved {final} ({time.time() - run.t0:.1f} s for {args.max_train_steps - run.start_step} steps)")
         if args.validation_prompts and not (args.validation_steps and step % args.validation_steps == 0):
             run_validation(run.pipe, args, plan, accelerator, step, run.output_dir)

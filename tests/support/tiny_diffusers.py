@@ -4,6 +4,10 @@
 - `make_pipeline_folder(folder, arch)`: a diffusers pipeline folder (model_index.json + components) for
   "sd" (SD1.x layout, 2 UNet levels so down/upsamplers and conv_shortcut exist) or "sdxl" (text_time
   micro-conditioning, two text encoders, pooled embeddings), small enough to train on a CPU in seconds.
+- `make_pipeline_folder(folder, "sd3")`: a StableDiffusion3Pipeline folder (MMDiT transformer, FlowMatchEuler
+  scheduler with SD3's shift 3, two CLIP text encoders with projection, no T5: text_encoder_3 = tokenizer_3 = None,
+  which the pipeline accepts by padding with zeros) whose transformer ComfyUI also loads: SD3_TRANSFORMER keeps
+  ComfyUI's detection rule hidden = 64 x depth (scripts/make_tiny_flow.py).
 - `write_comfy_sd15_config_folder(folder)`: the configs (no weights) that let diffusers' `from_single_file` read the
   tiny single-file SD1.5 checkpoint written by scripts/make_tiny_sd15.py with `--middle attn --vae kl` (320
   channels, one level, full-size CLIP-L and SD VAE): the layout that both ComfyUI and diffusers read.
@@ -64,8 +68,11 @@ def _tiny_vae(seed: int = 0):
 
 
 def make_pipeline_folder(folder: Path, arch: str = "sd", seed: int = 0) -> Path:
-    """Save a tiny StableDiffusionPipeline ("sd") or StableDiffusionXLPipeline ("sdxl") as a diffusers folder."""
+    """Save a tiny StableDiffusionPipeline ("sd"), StableDiffusionXLPipeline ("sdxl") or StableDiffusion3Pipeline
+    ("sd3") as a diffusers folder."""
     import torch
+    if arch == "sd3":
+        return make_sd3_pipeline_folder(folder, seed)
     from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     folder = Path(folder)
@@ -91,7 +98,42 @@ def make_pipeline_folder(folder: Path, arch: str = "sd", seed: int = 0) -> Path:
                                          tokenizer_2=tok, unet=unet, scheduler=scheduler,
                                          force_zeros_for_empty_prompt=True)
     else:
-        raise ValueError(f"arch {arch!r}: 'sd' or 'sdxl'")
+        raise ValueError(f"arch {arch!r}: 'sd', 'sdxl' or 'sd3'")
+    pipe.save_pretrained(folder)
+    return folder
+
+
+# SD3 MMDiT at a size ComfyUI's detection reads back (comfy/model_detection.py: depth = hidden // 64 blocks with
+# depth heads of 64): 2 blocks of 2 heads x 64 = hidden 128, RMS q/k norms and SD3.5's second self-attention in
+# block 0 (attn2), so every target kind of tcd.lora_targets exists. The context width (64) takes the two CLIP
+# encoders' 16 + 16 hidden features padded with zeros (encode_prompt pads CLIP to the T5 width, joint_attention_dim);
+# pooled 32 = 16 + 16 projections. 64 px images -> 8x8 latents -> 4x4 patches.
+SD3_TRANSFORMER = dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                       attention_head_dim=64, num_attention_heads=2, joint_attention_dim=64, caption_projection_dim=128,
+                       pooled_projection_dim=32, pos_embed_max_size=8, dual_attention_layers=(0,), qk_norm="rms_norm")
+# SD3's VAE latent normalisation (its vae/config.json): latents = (z - shift_factor) * scaling_factor.
+SD3_VAE_SCALING = dict(scaling_factor=1.5305, shift_factor=0.0609)
+
+
+def make_sd3_pipeline_folder(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny StableDiffusion3Pipeline (no T5) as a diffusers folder."""
+    import torch
+    from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline)
+    folder = Path(folder)
+    tok = write_tokenizer(folder.parent / f"_{folder.name}_tokenizer_src")
+    te1 = _tiny_text_encoder(tok, 16, projection=16, seed=seed)
+    te2 = _tiny_text_encoder(tok, 16, projection=16, seed=seed + 1)
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(**SD3_TRANSFORMER)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=64, use_quant_conv=False,
+                        use_post_quant_conv=False, **SD3_VAE_SCALING).eval()
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
+                                    text_encoder_3=None, tokenizer_3=None)
     pipe.save_pretrained(folder)
     return folder
 
