@@ -1,7 +1,8 @@
 """`make bench`: run every benchmark, each in its own subprocess, then print a summary.
 
 Runs each `benchmarks/*.py` script that defines a top-level `main()` (this file excepted), calling its `main()`,
-the toy-scale paper reproduction (`python -m benchmarks.paper_toy.run`) and the end-to-end efficacy benchmark
+the toy-scale paper reproduction (`python -m benchmarks.paper_toy.run`), its rectified-flow variant
+(`python -m benchmarks.paper_toy.run --path flow`) and the end-to-end efficacy benchmark
 (`python -m benchmarks.efficacy.run`: the trainer node on a teacher trained in ComfyUI's classes; the teacher is
 trained once and cached). A failing benchmark does not stop the
 others; the exit status is non-zero if any failed. Results land in `benchmarks/results/`.
@@ -47,6 +48,7 @@ def discover() -> list[tuple[str, list[str]]]:
             continue
         jobs.append((path.name, [sys.executable, "-c", CALL_MAIN.format(stem=path.stem, path=str(path))]))
     jobs.append(("paper_toy", [sys.executable, "-m", "benchmarks.paper_toy.run"]))
+    jobs.append(("paper_toy_flow", [sys.executable, "-m", "benchmarks.paper_toy.run", "--path", "flow"]))
     jobs.append(("efficacy", [sys.executable, "-m", "benchmarks.efficacy.run"]))
     return jobs
 

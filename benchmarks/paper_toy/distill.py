@@ -12,7 +12,7 @@ import copy
 
 import torch
 
-from tcd.losses import LCMLoss, TCDLoss
+from tcd.losses import make_objective as make_loss
 
 from .teacher import ema_update
 
@@ -27,13 +27,15 @@ OBJECTIVES = {
 }
 
 
-def make_objective(name: str, alphas_cumprod: torch.Tensor, *, w_min: float = 0.0, w_max: float = 0.0,
-                   loss: str = "huber", original_steps: int = 50):
+def make_objective(name: str, path, *, w_min: float = 0.0, w_max: float = 0.0, loss: str = "huber",
+                   original_steps: int = 50, prediction_type: str = "epsilon"):
+    """The objective `name` through the pack's own factory (`tcd.losses.make_objective`) on `path`: an abar table or
+    tcd.paths.VPPath (eps teachers), or tcd.paths.FlowPath with prediction_type "flow" (velocity teachers; LCM is
+    then the jump to sigma 0)."""
     spec = dict(OBJECTIVES[name])
-    common = dict(original_steps=original_steps, w_min=w_min, w_max=w_max, loss=loss)
-    if spec.pop("method") == "lcm":
-        return LCMLoss(alphas_cumprod, **common)
-    return TCDLoss(alphas_cumprod, **common, **spec)
+    return make_loss(spec.pop("method"), path, original_steps=original_steps, w_min=w_min, w_max=w_max, loss=loss,
+                     huber_c=0.001, prediction_type=prediction_type, tcf_order=spec.get("tcf_order", 1),
+                     rho=spec.get("rho", 0.0))
 
 
 def distill(teacher: torch.nn.Module, train: torch.Tensor, labels: torch.Tensor | None, objective, *, steps: int,

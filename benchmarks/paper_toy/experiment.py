@@ -11,6 +11,9 @@ Design (all declared in `run.CONFIGS` before measuring):
   - grading (`grade` unit, full n, sampling seed 1000 + s shared by every method of seed s): only the cells the
     claims use (each objective's selected sampler, and the sampler all methods share), plus the teacher.
 * Noise floors: the metrics between two exact/held-out samples; the mixture's objective oracles (`oracle.py`).
+* `cfg["path"]` "flow" runs the same units on rectified-flow teachers (velocity networks, `teacher.flow_training_pair`)
+  with the flow objectives, the flow samplers of `flow.py` and the teacher's flow Euler; "vp" (the default) is the
+  SD-schedule eps study.
 """
 from __future__ import annotations
 
@@ -20,13 +23,15 @@ from pathlib import Path
 
 import torch
 
+from tcd.paths import FlowPath
 from tcd.schedule import DiscreteSchedule, vp_alphas_cumprod
 
 from . import data as datasets
 from . import distill as dist
+from . import flow
 from . import metrics
 from . import samplers
-from .models import EpsMLP
+from .models import EpsMLP, VelocityMLP
 from .oracle import ExactDenoiser, ObjectiveOracle
 from .teacher import train_teacher
 
@@ -45,6 +50,42 @@ class Context:
         self.schedule = DiscreteSchedule.from_alphas_cumprod(self.abar)
         self.ds = datasets.load(name, **self.dcfg.get("data", {}))
         self._evaluator = None
+        self.kind = cfg.get("path", "vp")
+        if self.kind not in ("vp", "flow"):
+            raise ValueError(f"path={self.kind!r} is not 'vp' or 'flow'")
+        self.flow_path = FlowPath.shifted(cfg["shift"]) if self.kind == "flow" else None
+
+    # --- the path's variants: network, objective, samplers
+    @property
+    def network(self):
+        return VelocityMLP if self.kind == "flow" else EpsMLP
+
+    def objective(self, name: str):
+        guidance = self.dcfg.get("guidance", {})
+        common = dict(w_min=guidance.get("w_min", 0.0), w_max=guidance.get("w_max", 0.0),
+                      loss=self.cfg.get("loss", "huber"))
+        if self.kind == "flow":
+            return dist.make_objective(name, FlowPath.shifted(self.cfg["shift"]), prediction_type="flow",
+                                       **common)
+        return dist.make_objective(name, self.abar, **common)
+
+    def sampler_specs(self) -> dict:
+        module = flow if self.kind == "flow" else samplers
+        return module.student_samplers(self.cfg["declared_gamma"])
+
+    def sample(self, spec, fn, n: int, nfe: int, seed: int):
+        """Samples of one student sampler cell (None where it cannot spend exactly `nfe` calls)."""
+        if self.kind == "flow":
+            return flow.run_sampler(spec, fn, self.flow_path, n, self.ds.dim, nfe, seed)
+        return samplers.run_sampler(spec, fn, self.schedule, n, self.ds.dim, nfe, seed)
+
+    def teacher_samplers(self) -> list:
+        """(name, sample(fn, n, dim, nfe, seed), NFEs) of the teacher's reference samplers."""
+        nfes, ref = self.cfg["nfes"], self.cfg["teacher_ref_nfes"]
+        if self.kind == "flow":
+            euler = lambda fn, *a: flow.sample_flow_euler(fn, self.flow_path, *a)   # noqa: E731
+            return [("teacher_euler", euler, nfes + ref)]
+        return [("teacher_ddim", samplers.sample_ddim, nfes), ("teacher_dpmpp2m", samplers.sample_dpmpp_2m, nfes + ref)]
 
     # --- evaluation
     @property
@@ -77,7 +118,7 @@ class Context:
     def teacher(self, teacher_seed: int) -> EpsMLP:
         path = self.cache / f"teacher_{self.name}_{teacher_seed}.pt"
         tcfg = self.dcfg["teacher"]
-        net = EpsMLP(self.ds.dim, width=tcfg["width"], depth=tcfg["depth"], classes=self.ds.classes)
+        net = self.network(self.ds.dim, width=tcfg["width"], depth=tcfg["depth"], classes=self.ds.classes)
         net.load_state_dict(torch.load(path, weights_only=True)["state"])
         return net.eval().requires_grad_(False)
 
@@ -95,6 +136,8 @@ class Context:
         return net
 
     def eps_fn(self, net, n: int, guidance: float = 0.0):
+        """The network's raw output as a function of (x, t), CFG-combined: eps on VP, the velocity on a flow path
+        (classifier-free guidance is the same linear combination of either)."""
         return samplers.eps_function(net, self.labels_for(n), guidance)
 
 
@@ -108,6 +151,8 @@ def _atomic_save(obj, path: Path) -> None:
 def unit_teacher(ctx: Context, teacher_seed: int) -> dict:
     t0 = time.process_time()
     tcfg = dict(ctx.dcfg["teacher"])
+    if ctx.kind == "flow":
+        tcfg["flow"] = dict(shift=ctx.cfg["shift"], time_sampling=ctx.cfg["time_sampling"])
     net, curve = train_teacher(ctx.ds.train, ctx.abar, seed=teacher_seed, labels=ctx.ds.train_labels,
                                classes=ctx.ds.classes, **tcfg)
     _atomic_save({"state": net.state_dict()}, ctx.cache / f"teacher_{ctx.name}_{teacher_seed}.pt")
@@ -147,12 +192,12 @@ def _probe(ctx: Context, objective: str):
     objective's own sampler on a small draw (same noise at every probe)."""
     n = ctx.dcfg["n_probe"]
     primary = ctx.cfg["primary"][ctx.name]
-    spec = samplers.student_samplers(ctx.cfg["declared_gamma"])["lcm" if objective == "lcm" else "sss_declared"]
+    spec = ctx.sampler_specs()["lcm" if objective == "lcm" else "sss_declared"]
 
     def probe(net):
         out = {}
         for nfe in (2, 4):
-            x = samplers.run_sampler(spec, ctx.eps_fn(net, n), ctx.schedule, n, ctx.ds.dim, nfe, 424242)
+            x = ctx.sample(spec, ctx.eps_fn(net, n), n, nfe, 424242)
             out[f"{primary}@{nfe}"] = ctx.evaluate(x, ctx.labels_for(n), light=True)[primary]
         return out
     return probe
@@ -164,16 +209,13 @@ def unit_select(ctx: Context, seed: int) -> dict:
     t0 = time.process_time()
     dcfg, cfg = ctx.dcfg, ctx.cfg
     teacher = ctx.teacher(ctx.teacher_of(seed))
-    guidance = dcfg.get("guidance", {})
     runs, curves = [], {}
     n_sel, sel_seed = dcfg["n_select"], 50000 + seed
-    specs = {k: v for k, v in samplers.student_samplers(cfg["declared_gamma"]).items() if k in cfg["samplers"]}
+    specs = {k: v for k, v in ctx.sampler_specs().items() if k in cfg["samplers"]}
     distill_cpu = 0.0
     for objective in cfg["objectives"]:
         c0 = time.process_time()
-        obj = dist.make_objective(objective, ctx.abar, w_min=guidance.get("w_min", 0.0),
-                                  w_max=guidance.get("w_max", 0.0), loss=cfg.get("loss", "huber"))
-        student, record = dist.distill(teacher, ctx.ds.train, ctx.ds.train_labels, obj, seed=seed,
+        student, record = dist.distill(teacher, ctx.ds.train, ctx.ds.train_labels, ctx.objective(objective), seed=seed,
                                        probe=_probe(ctx, objective), **dcfg["distill"])
         distill_cpu += time.process_time() - c0
         _atomic_save(student.state_dict(), ctx.student_path(objective, seed))
@@ -181,7 +223,7 @@ def unit_select(ctx: Context, seed: int) -> dict:
         eps = ctx.eps_fn(student, n_sel)
         for sampler, spec in specs.items():
             for nfe in cfg["nfes"]:
-                x = samplers.run_sampler(spec, eps, ctx.schedule, n_sel, ctx.ds.dim, nfe, sel_seed)
+                x = ctx.sample(spec, eps, n_sel, nfe, sel_seed)
                 if x is not None:
                     runs.append({"draw": "select", "method": objective, "sampler": sampler, "nfe": nfe,
                                  "seed": seed, "metrics": ctx.evaluate(x, ctx.labels_for(n_sel), light=True)})
@@ -195,8 +237,8 @@ def _teacher_runs(ctx: Context, teacher, seed: int) -> list[dict]:
     w = ctx.dcfg.get("guidance", {}).get("w_eval", 0.0)
     eps = ctx.eps_fn(teacher, n, w)
     runs = []
-    for name, fn in (("teacher_ddim", samplers.sample_ddim), ("teacher_dpmpp2m", samplers.sample_dpmpp_2m)):
-        for nfe in ctx.cfg["nfes"] + (ctx.cfg["teacher_ref_nfes"] if name == "teacher_dpmpp2m" else []):
+    for name, fn, nfes in ctx.teacher_samplers():
+        for nfe in nfes:
             x = fn(eps, n, ctx.ds.dim, nfe, sseed)
             runs.append({"draw": "grade", "method": name, "sampler": name, "nfe": nfe, "seed": seed,
                          "metrics": ctx.evaluate(x, ctx.labels_for(n))})
@@ -207,12 +249,12 @@ def unit_grade(ctx: Context, seed: int, cells: list[tuple[str, str, int]]) -> di
     """Score the (objective, sampler, nfe) cells on the grading draw (sampling seed 1000 + seed for every method)."""
     t0 = time.process_time()
     n, sseed = ctx.dcfg["n_grade"], 1000 + seed
-    specs = samplers.student_samplers(ctx.cfg["declared_gamma"])
+    specs = ctx.sampler_specs()
     runs, students, samples = [], {}, {}
     for objective, sampler, nfe in cells:
         if objective not in students:
             students[objective] = ctx.eps_fn(ctx.load_student(objective, seed), n)
-        x = samplers.run_sampler(specs[sampler], students[objective], ctx.schedule, n, ctx.ds.dim, nfe, sseed)
+        x = ctx.sample(specs[sampler], students[objective], n, nfe, sseed)
         if x is not None:
             runs.append({"draw": "grade", "method": objective, "sampler": sampler, "nfe": nfe, "seed": seed,
                          "metrics": ctx.evaluate(x, ctx.labels_for(n))})

@@ -1,4 +1,5 @@
-"""Small networks: the eps-prediction denoiser (teacher and students share it) and the digits classifiers."""
+"""Small networks: the eps-prediction denoiser (teacher and students share it), its rectified-flow (velocity) variant
+and the digits classifiers."""
 from __future__ import annotations
 
 import math
@@ -54,6 +55,17 @@ class EpsMLP(nn.Module):
         for block in self.blocks:
             h = block(h, temb)
         return self.out(h)
+
+
+class VelocityMLP(EpsMLP):
+    """v_theta(x_sigma, sigma, label) of a rectified-flow model: the same network, its output read as the velocity
+    v = eps - x0 and its time input the float sigma in [0, 1] scaled by 1000 (SD3's timestep = 1000 sigma), so the
+    sinusoidal embedding sees the same range as the VP teachers' integer timesteps."""
+
+    time_scale = 1000.0
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond=None) -> torch.Tensor:
+        return super().forward(x, t.float() * self.time_scale, cond)
 
 
 class DigitCNN(nn.Module):

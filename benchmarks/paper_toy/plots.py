@@ -9,10 +9,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .report import DATASET_TITLE, METRIC_TITLE, OBJECTIVE_TITLE, SAMPLER_TITLE  # noqa: E402
+from .report import (DATASET_TITLE, METRIC_TITLE, OBJECTIVE_TITLE, SAMPLER_TITLE, teacher_list,  # noqa: E402
+                     teacher_methods)
 
 COLORS = {"lcm": "tab:red", "tcd_rho0": "tab:blue", "tcd_rho0.25": "tab:cyan", "tcd_rho0.5": "tab:green",
-          "tcd_rho0.75": "tab:olive", "tcd_tcf2": "tab:purple", "teacher_ddim": "0.55", "teacher_dpmpp2m": "0.2"}
+          "tcd_rho0.75": "tab:olive", "tcd_tcf2": "tab:purple", "teacher_ddim": "0.55", "teacher_dpmpp2m": "0.2",
+          "teacher_euler": "0.4"}
 
 
 def _series(cells, method, sampler_of, nfes, metric):
@@ -29,7 +31,7 @@ def _panel(ax, results, name, metric):
     cfg, choice = results["config"], results["choice"]
     rec = results["datasets"][name]
     cells, nfes = rec["grade_cells"], cfg["nfes"]
-    lines = [("teacher_ddim", lambda n: "teacher_ddim", "--"), ("teacher_dpmpp2m", lambda n: "teacher_dpmpp2m", "--")]
+    lines = [(t, lambda n, t=t: t, "--") for t in teacher_list(cfg)]
     for o in [o for o in dict.fromkeys(["lcm", "tcd_rho0", choice["recommended"]]) if o in cfg["objectives"]]:
         lines.append((o, lambda n, o=o: choice["best_sampler"][f"{name}|{o}|{n}"], "-"))
     for method, sampler_of, ls in lines:
@@ -42,7 +44,8 @@ def _panel(ax, results, name, metric):
     floor = rec["floors"].get(metric)
     if floor:
         ax.axhline(floor["mean"], color="tab:green", lw=0.8, ls=":", label="noise floor (data vs data)")
-    ref = cells.get(f"teacher_dpmpp2m|teacher_dpmpp2m|{cfg['teacher_ref_nfes'][0]}", {}).get(metric)
+    ref_m = teacher_methods(cfg)["ref"]
+    ref = cells.get(f"{ref_m}|{ref_m}|{cfg['teacher_ref_nfes'][0]}", {}).get(metric)
     if ref:
         ax.axhline(ref["mean"], color="0.2", lw=0.8, ls="-.", label=f"teacher, {cfg['teacher_ref_nfes'][0]} steps")
     ax.set_xscale("log", base=2)
@@ -102,7 +105,8 @@ def convergence(results, out: Path) -> Path:
 def samples_figure(results, name, out: Path) -> Path | None:
     cfg, choice = results["config"], results["choice"]
     kept = results["datasets"][name].get("samples", {})
-    rows = [("teacher_dpmpp2m", lambda n: "teacher_dpmpp2m")] + [
+    ref_m = teacher_methods(cfg)["ref"]
+    rows = [(ref_m, lambda n: ref_m)] + [
         (o, lambda n, o=o: choice["best_sampler"][f"{name}|{o}|{n}"]) for o in dict.fromkeys(
             ["lcm", "tcd_rho0", choice["recommended"]]) if o in cfg["objectives"]]
     nfes = [n for n in cfg["nfes"] if n in (1, 2, 4, 8)]

@@ -18,10 +18,22 @@ SHOWN = {"mog2d": ["sw", "mmd", "spread"], "digits": ["kid", "accuracy", "precis
 SECONDARY = {"mog2d": ["mmd"], "digits": ["accuracy"]}
 DATASET_TITLE = {"mog2d": "2-D mixture of 8 Gaussians", "digits": "8x8 digits (scikit-learn), class-conditional"}
 SAMPLER_TITLE = {"lcm": "LCM sampler", "sss_g0": "SSS γ=0", "sss_g0.3": "SSS γ=0.3", "sss2_g0.3": "SSS-2 γ=0.3",
-                 "sss_declared": "SSS γ(NFE) declared", "teacher_ddim": "DDIM", "teacher_dpmpp2m": "DPM-Solver++(2M)"}
+                 "sss_declared": "SSS γ(NFE) declared", "teacher_ddim": "DDIM", "teacher_dpmpp2m": "DPM-Solver++(2M)",
+                 "teacher_euler": "flow Euler"}
 OBJECTIVE_TITLE = {"lcm": "LCM", "tcd_rho0": "TCD ρ=0 (paper)", "tcd_rho0.25": "TCD ρ=0.25",
                    "tcd_rho0.5": "TCD ρ=0.5", "tcd_rho0.75": "TCD ρ=0.75", "tcd_tcf2": "TCD, TCF-2 training",
-                   "teacher_ddim": "Teacher, DDIM", "teacher_dpmpp2m": "Teacher, DPM-Solver++(2M)"}
+                   "teacher_ddim": "Teacher, DDIM", "teacher_dpmpp2m": "Teacher, DPM-Solver++(2M)",
+                   "teacher_euler": "Teacher, flow Euler"}
+
+
+def teacher_methods(cfg: dict) -> dict:
+    """The teacher's sampler at the students' NFE ("fast") and its many-step reference ("ref"): DDIM and
+    DPM-Solver++(2M) for the VP study, flow Euler for both in the flow study."""
+    return cfg.get("teachers", {"fast": "teacher_ddim", "ref": "teacher_dpmpp2m"})
+
+
+def teacher_list(cfg: dict) -> list[str]:
+    return list(dict.fromkeys(teacher_methods(cfg).values()))
 
 
 def by_seed(runs, method, sampler, nfe, metric) -> dict:
@@ -86,16 +98,16 @@ def comparisons(cfg, name, runs, choice) -> list[dict]:
                 out += compare(runs, name, metric, pick(tcd), pick("lcm"), cfg["claim_nfes"], family)
                 if 1 in cfg["nfes"]:
                     out += compare(runs, name, metric, pick(tcd), pick("lcm"), [1], family + " (NFE 1, alone)")
-        # the teacher: TCD at 8 NFE vs DPM-Solver++(2M) at 25; the distilled student at 4 vs DDIM at 4
-        ref = cfg["teacher_ref_nfes"][0]
+        # the teacher: TCD at 8 NFE vs its many-step reference (VP: DPM-Solver++(2M) at 25); the distilled student
+        # at 4 vs the teacher's plain sampler at 4 (VP: DDIM; flow: Euler)
+        ref, (fast_m, ref_m) = cfg["teacher_ref_nfes"][0], (teacher_methods(cfg)[k] for k in ("fast", "ref"))
         nfe8 = 8 if 8 in cfg["nfes"] else max(cfg["nfes"])
-        out += compare(runs, name, metric, lambda _: best(rec)(nfe8), lambda _: ("teacher_dpmpp2m",
-                       "teacher_dpmpp2m", ref), [nfe8], f"TCD ({rec}) at NFE {nfe8} − teacher DPM-Solver++(2M) "
-                       f"at NFE {ref}")
+        out += compare(runs, name, metric, lambda _: best(rec)(nfe8), lambda _: (ref_m, ref_m, ref), [nfe8],
+                       f"TCD ({rec}) at NFE {nfe8} − teacher {SAMPLER_TITLE[ref_m]} at NFE {ref}")
         for nfe4 in [n for n in (4,) if n in cfg["nfes"]]:
             out += compare(runs, name, metric, lambda _: best(rec)(nfe4),
-                           lambda _: ("teacher_ddim", "teacher_ddim", nfe4), [nfe4],
-                           f"TCD ({rec}) − teacher DDIM, both at NFE {nfe4}")
+                           lambda _: (fast_m, fast_m, nfe4), [nfe4],
+                           f"TCD ({rec}) − teacher {SAMPLER_TITLE[fast_m]}, both at NFE {nfe4}")
     return out
 
 
@@ -202,7 +214,7 @@ def headline_rows(results) -> list[str]:
 def cell_table(cfg, name, rec, metric, cells_key="grade_cells") -> list[str]:
     cells = rec[cells_key]
     rows = []
-    methods = ["teacher_ddim", "teacher_dpmpp2m"] + cfg["objectives"]
+    methods = teacher_list(cfg) + cfg["objectives"]
     for method in methods:
         samplers = sorted({k.split("|")[1] for k in cells if k.split("|")[0] == method})
         for sampler in samplers:
@@ -210,10 +222,11 @@ def cell_table(cfg, name, rec, metric, cells_key="grade_cells") -> list[str]:
             for nfe in cfg["nfes"]:
                 row.append(_ci(cells.get(f"{method}|{sampler}|{nfe}", {}).get(metric)))
             rows.append(row)
+    ref_m = teacher_methods(cfg)["ref"]
     for nfe in cfg["teacher_ref_nfes"]:
-        stat = cells.get(f"teacher_dpmpp2m|teacher_dpmpp2m|{nfe}", {}).get(metric)
+        stat = cells.get(f"{ref_m}|{ref_m}|{nfe}", {}).get(metric)
         if stat:
-            rows.append([f"Teacher, DPM-Solver++(2M), {nfe} steps", _ci(stat)] + [""] * (len(cfg["nfes"]) - 1))
+            rows.append([f"{OBJECTIVE_TITLE[ref_m]}, {nfe} steps", _ci(stat)] + [""] * (len(cfg["nfes"]) - 1))
     return _table(["method · sampler"] + [f"NFE {n}" for n in cfg["nfes"]], rows)
 
 
@@ -240,9 +253,9 @@ def results_best(cfg, name, objective, nfe):
 
 
 def summary_markdown(results: dict) -> str:
+    if results["config"].get("path") == "flow":
+        return flow_summary_markdown(results)
     cfg, choice = results["config"], results["choice"]
-    _CHOICE.clear()
-    _CHOICE.update(choice)
     rec_obj = choice["recommended"]
     out = ["# Does it work? The TCD recipe against LCM and the teacher at toy scale (measured)", ""]
     out.append(
@@ -270,6 +283,103 @@ def summary_markdown(results: dict) -> str:
             "**loss**: in LCM's; **tie**: no evidence either way.", ""]
     out += headline_rows(results)
     out.append("")
+    out += dataset_sections(results)
+    out += ["## Figures", ""] + [f"![{f}]({f})" for f in results.get("figures", [])]
+    return "\n".join(out) + "\n"
+
+
+def _verdict_cell(row: dict | None) -> str:
+    if row is None:
+        return "–"
+    if not math.isfinite(row["low"]):
+        return num(row["mean"])
+    d = _dec(row["mean"])
+    return f"{row['mean']:+.{d}f} [{row['low']:+.{d}f}, {row['high']:+.{d}f}] **{row['verdict']}**"
+
+
+def tcd_vs_lcm_rows(results: dict) -> list[dict]:
+    """(dataset, TCD objective, sampler mode) -> {nfe: comparison row} of TCD − LCM on each primary metric."""
+    cfg = results["config"]
+    out = []
+    for name, rec in results["datasets"].items():
+        metric = cfg["primary"][name]
+        for objective in dict.fromkeys([results["choice"]["recommended"], "tcd_rho0"]):
+            for mode in ("best sampler each", "same sampler"):
+                rows = {r["nfe"]: r for r in rec["comparisons"]
+                        if r["metric"] == metric and r["a"][0] == objective and r["b"][0] == "lcm"
+                        and r["family"].endswith(mode) and r["nfe"] in cfg["claim_nfes"]}
+                if rows:
+                    out.append({"dataset": name, "metric": metric, "objective": objective, "mode": mode,
+                                "rows": rows})
+    return out
+
+
+FLOW_SAMPLER_NOTE = {"lcm": "LCM's multistep sampler (γ 1: x̂₀, re-noised to σ_next)",
+                     "sss_g0": "SSS γ 0 (the student's flow Euler)", "sss_g0.3": "SSS γ 0.3",
+                     "sss_declared": "SSS γ(NFE) declared"}
+
+
+def flow_summary_markdown(results: dict) -> str:
+    """The flow study's summary: the TCD − LCM table per dataset x NFE first, then the same sections as the VP
+    study's summary."""
+    cfg, choice = results["config"], results["choice"]
+    rec_obj = choice["recommended"]
+    sizes = "; ".join(
+        f"{name}: teacher {d['teacher']['steps']} steps (width {d['teacher']['width']}), distillation "
+        f"{d['distill']['steps']} steps (batch {d['distill']['batch']}), selection draw {d['n_select']}, grading "
+        f"draw {d['n_grade']}" for name, d in cfg["datasets"].items())
+    out = ["# Flow-matching teachers: flow TCD against flow LCM and the teacher at toy scale (measured)", ""]
+    out.append(
+        f"Produced by `python -m benchmarks.paper_toy.run --path flow` (config `{results['config_name']}`) in "
+        f"{results['wall_s'] / 60:.1f} min wall ({results['cpu_s'] / 60:.1f} CPU min) on {results['machine']}, "
+        f"{results['jobs']} worker processes. The VP study's design (`benchmarks/results/paper_toy/summary.md`) on "
+        f"rectified-flow teachers: velocity networks trained on x_σ = (1 − σ) x₀ + σ ε with target ε − x₀, σ drawn "
+        f"{cfg['time_sampling'].replace('_', '-')} in the unshifted time, shift {cfg['shift']:g} "
+        f"(`tcd.paths.FlowPath.shifted`); the digits teacher with the VP teacher's classifier-free guidance setup "
+        f"(label dropout 0.1). Students: full fine-tunes distilled with `tcd.losses.make_objective` on that FlowPath "
+        f"with prediction_type \"flow\" (LCM = the jump to σ 0), the same budget and paired draws for every "
+        f"objective. Sizes: {len(cfg['seeds'])} paired distillation seeds, {len(cfg['teacher_seeds'])} teachers per "
+        f"dataset; {sizes}. Student samplers: `tcd.sampling.sample_tcd` on `FlowSchedule`: "
+        f"{', '.join(FLOW_SAMPLER_NOTE.get(x, x) for x in cfg['samplers'])}; γ(NFE) declared: "
+        f"{ {k: v for k, v in cfg['declared_gamma'].items() if int(k) in cfg['nfes']} }; timesteps "
+        f"uniform in the model's time from σ = 1; the teacher: flow Euler at the same NFE and at "
+        f"{cfg['teacher_ref_nfes'][0]} steps (the many-step reference). Best sampler per objective and NFE chosen on "
+        f"the selection draw, graded on the grading draw; paired 95% t-intervals over seeds, Holm over NFE "
+        f"{cfg['claim_nfes']}. The recommended objective is fixed in advance: {OBJECTIVE_TITLE[rec_obj]} "
+        f"(`tcd.losses.RECIPES[\"recommended\"]`); mean rank on the selection draw, for information: " +
+        ", ".join(f"{OBJECTIVE_TITLE[o]} {r:g}" for o, r in sorted(choice["mean_rank"].items(), key=lambda kv: kv[1]))
+        + ".")
+    if not any(rec["cpu_s"]["teacher"] for rec in results["datasets"].values()):
+        out += ["", "The teachers (and the digits classifiers) came from the cache, trained by an earlier run with the "
+                "same settings and code: their training is not in the times above."]
+    out += ["", "## Headline: flow TCD − flow LCM on the primary metric", "",
+            "Negative is better (sliced W2, KID). **win**: the Holm-corrected test rejects in TCD's favour; "
+            "**loss**: in LCM's; **tie**: no evidence either way.", ""]
+    table = tcd_vs_lcm_rows(results)
+    body = [[f"{DATASET_TITLE[t['dataset']]} ({METRIC_TITLE[t['metric']]})", OBJECTIVE_TITLE[t["objective"]] +
+             (" (recommended)" if t["objective"] == rec_obj else ""), t["mode"]] +
+            [_verdict_cell(t["rows"].get(n)) for n in cfg["claim_nfes"]] for t in table]
+    out += _table(["dataset", "TCD objective", "samplers"] + [f"NFE {n}" for n in cfg["claim_nfes"]], body)
+    out.append("")
+    for t in table:
+        if t["objective"] == rec_obj:
+            losses = [n for n, r in sorted(t["rows"].items()) if r["verdict"] == "loss"]
+            out.append(f"- Goal \"flow TCD (recommended) ≥ flow LCM at every NFE {cfg['claim_nfes']}\" on "
+                       f"{t['dataset']}, {t['mode']}: **{'met' if not losses else 'not met'}**"
+                       + (f" (loss at NFE {losses})" if losses else " (no loss)") + ".")
+    out.append("")
+    out += dataset_sections(results)
+    out += ["## Figures", ""] + [f"![{f}]({f})" for f in results.get("figures", [])]
+    return "\n".join(out) + "\n"
+
+
+def dataset_sections(results: dict) -> list[str]:
+    """Per dataset: its draws and floors, every paired comparison, the graded cells per metric, the selection
+    factorial, the oracles (if any), convergence and CPU time."""
+    cfg = results["config"]
+    _CHOICE.clear()
+    _CHOICE.update(results["choice"])     # selection_table marks each objective's chosen sampler
+    out = []
     for name, rec in results["datasets"].items():
         primary = cfg["primary"][name]
         dcfg = cfg["datasets"][name]
@@ -280,7 +390,8 @@ def summary_markdown(results: dict) -> str:
         if name == "mog2d":
             out.append(f"Grading draw: {dcfg['n_grade']} samples against {dcfg['n_grade']} held-out exact samples "
                        f"(MMD on the first 1000); selection draw {dcfg['n_select']}. Noise floor (fresh exact samples "
-                       f"against the held-out set, {fl['sw']['n']} draws, mean ± sd): {floor_txt}. Pure Gaussian noise: sliced W2 "
+                       f"against the held-out set, {fl['sw']['n']} draws, mean ± sd): {floor_txt}. Pure Gaussian "
+                       f"noise: sliced W2 "
                        f"{num(rec['gaussian_noise']['sw'])}.")
         else:
             out.append(f"Class-conditional teacher with classifier-free guidance; distillation draws the guidance "
@@ -293,7 +404,8 @@ def summary_markdown(results: dict) -> str:
                        f"samples, and its bootstrap resamples; mean ± sd): {floor_txt}. Memorised: the fraction of "
                        f"samples nearer a training digit than 99% of held-out digits are (fresh digits: 0.01).")
         out.append("")
-        out += [f"**Paired comparisons ({METRIC_TITLE[primary]} and {', '.join(METRIC_TITLE[m] for m in SECONDARY[name])})**", ""]
+        secondary = ", ".join(METRIC_TITLE[m] for m in SECONDARY[name])
+        out += [f"**Paired comparisons ({METRIC_TITLE[primary]} and {secondary})**", ""]
         out += comparison_table(rec["comparisons"])
         out.append("")
         for metric in SHOWN[name]:
@@ -321,8 +433,7 @@ def summary_markdown(results: dict) -> str:
         out += [f"CPU time: teachers {cpu['teacher'] / 60:.1f} min, distillation {rec['distill_cpu_s'] / 60:.1f} min, "
                 f"selection scoring {(cpu['select'] - rec['distill_cpu_s']) / 60:.1f} min, grading "
                 f"{cpu['grade'] / 60:.1f} min, oracles {cpu['oracle'] / 60:.1f} min.", ""]
-    out += ["## Figures", ""] + [f"![{f}]({f})" for f in results.get("figures", [])]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def _convergence_lines(rec, primary) -> list[str]:
