@@ -1,4 +1,5 @@
-"""TCD distillation of a LoRA for diffusers SD1.x/SD2.x/SDXL and SD3 under HF accelerate (multi-GPU, multi-node).
+"""TCD distillation of a LoRA for diffusers SD1.x/SD2.x/SDXL, SD3 and FLUX.1-dev under HF accelerate (multi-GPU,
+multi-node).
 
     accelerate launch -m train.accelerate_tcd --pretrained_model <diffusers folder | .safetensors> \
         --train_data_dir <images + .txt captions> --output_dir <out> [options]
@@ -13,7 +14,9 @@ writes, so diffusers' `load_lora_weights` and the pack's TCD LoRA Loader read it
 SD3 (a StableDiffusion3Pipeline folder) trains the same way on its transformer (train.accelerate_flow): the objective
 on the model's rectified-flow path with velocity outputs, PEFT LoRA on the DiT blocks' attention and MLP linears
 (tcd.lora_targets.is_flow_lora_target), saved as StableDiffusion3Pipeline.save_lora_weights writes it
-("transformer." + PEFT names). Flux folders are refused with a message.
+("transformer." + PEFT names). FLUX.1-dev (a FluxPipeline folder) likewise, with its guidance scale as the
+transformer's guidance input (embedded guidance: no unconditional pass; --w_min/--w_max default to 2 / 5, guidance
+values as FluxPipeline's guidance_scale, not CFG scales), saved as FluxPipeline.save_lora_weights writes it.
 
 Results do not depend on how a global batch is split: the sample at global stream position p (a fixed,
 seeded permutation of the sorted dataset per epoch) is processed with its own generator seeded from (seed, p),
@@ -57,7 +60,13 @@ from . import images as training_images
 ARCHITECTURES = ("sd", "sdxl") + flow.FLOW_ARCHITECTURES
 PIPELINE_CLASS_TO_ARCH = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
                           **{cls: arch for arch, cls in flow.PIPELINE_CLASS.items()}}
-DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024}
+DEFAULT_RESOLUTION = {"sd": 512, "sdxl": 1024, "sd3": 1024, "flux": 1024}
+# Default teacher guidance ranges: CFG scales for the classifier-free-guided models (the LCM/TCD scripts' [3, 15]);
+# for FLUX.1-dev the guidance value its guidance embedding takes (FluxPipeline's guidance_scale, default 3.5).
+DEFAULT_W_RANGE = {"cfg": (3.0, 15.0), "embedded": (2.0, 5.0)}
+# Above this an embedded-guidance w_max is most likely a CFG scale given by habit (as the node warns).
+EMBEDDED_GUIDANCE_USUAL_MAX = 10.0
+FLUX_VALIDATION_GUIDANCE = 3.5        # FluxPipeline's default guidance_scale
 STATE_FILES = ("training_state.json", "lora_state.safetensors", "optimizer.bin")
 LOG_FILE = "train_log.jsonl"
 # Independent random streams derived from (seed, stream, index): see sample_seed().
@@ -73,8 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m train.accelerate_tcd",
         description="Distil a TCD LoRA (Trajectory Consistency Distillation, arXiv 2402.19159) from a diffusers "
-                    "SD1.x/SD2.x/SDXL or SD3 model. Launch with `accelerate launch -m train.accelerate_tcd` for "
-                    "several GPUs/nodes (DDP, DeepSpeed, FSDP through accelerate's config).")
+                    "SD1.x/SD2.x/SDXL, SD3 or FLUX.1-dev model. Launch with `accelerate launch -m "
+                    "train.accelerate_tcd` for several GPUs/nodes (DDP, DeepSpeed, FSDP through accelerate's config).")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model", required=True,
                    help="local diffusers pipeline folder (model_index.json) or single-file checkpoint (.safetensors)")
@@ -83,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "+ tokenizer) or hub id giving the configs; without it diffusers fetches the default ones")
     g.add_argument("--arch", choices=("auto",) + ARCHITECTURES, default="auto",
                    help="sd = SD1.x/SD2.x (StableDiffusionPipeline), sdxl = SDXL base, sd3 = SD3/SD3.5 "
-                        "(StableDiffusion3Pipeline folder, T5 optional); auto detects it")
+                        "(StableDiffusion3Pipeline folder, T5 optional), flux = FLUX.1-dev (FluxPipeline folder, "
+                        "guidance-distilled); auto detects it")
     g.add_argument("--vae_path", default=None,
                    help="optional replacement VAE (diffusers folder or .safetensors), e.g. an fp16-safe SDXL VAE")
     g.add_argument("--variant", default=None, help="weights variant of a diffusers folder (e.g. fp16)")
@@ -91,17 +101,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--train_data_dir", required=True,
                    help="folder of images (.png/.jpg/.jpeg/.webp/.bmp, sub-folders included), each with a .txt "
                         "caption of the same name")
-    g.add_argument("--resolution", type=int, default=None, help="square training size in pixels (default 512 for "
-                                                                   "sd, 1024 for sdxl and sd3); must be divisible by "
-                                                                   "8 (sd3: by 16, the VAE's 8 x the patch size)")
+    g.add_argument("--resolution", type=int, default=None,
+                   help="square training size in pixels (default 512 for sd, 1024 for sdxl, sd3 and flux); must be "
+                        "divisible by 8 (sd3: by 16, the VAE's 8 x the patch size; flux: by 16, the VAE's 8 x the 2x2 "
+                        "packing)")
     g.add_argument("--random_crop", action="store_true", help="random instead of center crop")
     g.add_argument("--random_flip", action="store_true", help="horizontal flip with probability 0.5")
     g.add_argument("--dataloader_num_workers", type=int, default=2)
     g = p.add_argument_group("distillation (tcd.losses)")
     g.add_argument("--objective", choices=tcd_losses.OBJECTIVES, default="tcd", help="tcd, or the lcm baseline")
     g.add_argument("--original_steps", type=int, default=50, help="skipping grid N (teacher jump k = T // N)")
-    g.add_argument("--w_min", type=float, default=3.0, help="guidance scale range of the teacher (w ~ U[w_min, w_max])")
-    g.add_argument("--w_max", type=float, default=15.0)
+    g.add_argument("--w_min", type=float, default=None,
+                   help="guidance scale range of the teacher (w ~ U[w_min, w_max]). sd/sdxl/sd3: classifier-free "
+                        "guidance scales, default 3 and 15. flux (FLUX.1-dev, guidance-distilled): the guidance "
+                        "value fed to the transformer (FluxPipeline's guidance_scale, usually 2-5), default 2 and 5; "
+                        "the LoRA is then sampled at a guidance value in that range")
+    g.add_argument("--w_max", type=float, default=None, help="see --w_min (default 15; flux: 5)")
     g.add_argument("--recipe", choices=tuple(tcd_losses.RECIPES), default="recommended",
                    help="objective settings (rho, loss, tcf_order) as a set: 'recommended' (measured best against "
                         "LCM, docs/recipe.md) or 'paper' (the TCD paper's); --rho/--loss/--tcf_order override")
@@ -156,10 +171,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="'latest' (newest checkpoint-<step> in --output_dir) or a checkpoint folder")
     g.add_argument("--validation_prompts", nargs="*", default=[])
     g.add_argument("--validation_steps", type=int, default=0, help="sample the validation prompts every N steps "
-                                                                     "with diffusers' TCDScheduler (sd3: the pack's "
-                                                                     "TCD sampler) (0: off)")
+                                                                     "with diffusers' TCDScheduler (sd3, flux: the "
+                                                                     "pack's TCD sampler) (0: off)")
     g.add_argument("--validation_inference_steps", type=int, default=4)
     g.add_argument("--validation_gamma", type=float, default=0.3, help="TCDScheduler eta (gamma)")
+    g.add_argument("--validation_guidance", type=float, default=None,
+                   help=f"flux only: the guidance value the validation images are sampled at (default "
+                        f"{FLUX_VALIDATION_GUIDANCE}, FluxPipeline's default); the other models sample with guidance "
+                        f"0")
     g.add_argument("--report_to", choices=("auto", "tensorboard", "none"), default="auto",
                    help="auto: TensorBoard when the tensorboard package is installed")
     return p
@@ -233,7 +252,7 @@ def validate_args(args: argparse.Namespace) -> Plan:
     if flow_configs is not None and resolution % flow.resolution_step(flow_configs):
         step = flow.resolution_step(flow_configs)
         raise ConfigError(f"--resolution {resolution} is not a multiple of {step}: the {arch} transformer cuts the "
-                          f"latent (1/8 of the image) into patches of {step // 8}; use e.g. "
+                          f"latent (1/8 of the image) into patches of {step // 8} x {step // 8}; use e.g. "
                           f"{max(step, (resolution // step) * step)} or {DEFAULT_RESOLUTION[arch]}.")
     for name, low in (("train_batch_size", 1), ("gradient_accumulation_steps", 1), ("max_train_steps", 1),
                       ("lora_rank", 1), ("original_steps", 1), ("checkpointing_steps", 0),
@@ -259,13 +278,21 @@ def validate_args(args: argparse.Namespace) -> Plan:
         raise ConfigError(f"--lora_name {args.lora_name!r} must be a plain file name ending in .safetensors "
                           f"(it is written inside --output_dir).")
     apply_recipe(args)     # (idempotent) for namespaces built without parse_args
+    guidance = flow.GUIDANCE[arch] if arch in flow.FLOW_ARCHITECTURES else "cfg"
+    apply_guidance_defaults(args, guidance)
+    if args.validation_guidance is not None:
+        if guidance != "embedded":
+            raise ConfigError(f"--validation_guidance is for guidance-distilled models (flux); {arch} validation "
+                              f"images are sampled with guidance 0. Drop the flag.")
+        if not args.validation_guidance >= 0:
+            raise ConfigError(f"--validation_guidance {args.validation_guidance} must be >= 0 (FLUX.1-dev: e.g. "
+                              f"3.5, inside the trained --w_min..--w_max).")
     num_train_timesteps = _num_train_timesteps(model if not single_file else
                                                (Path(args.model_config) if args.model_config else None))
     # Everything else about the loss (w range, loss type, huber_c, grid) is checked by tcd.losses itself.
     try:
         if flow_configs is not None:
-            flow.make_objective(args, flow_configs["scheduler"], resolution,
-                                int(flow_configs["transformer"].get("patch_size", 2)), _make_objective)
+            flow.make_objective(args, flow_configs, resolution, _make_objective)
         else:
             _make_objective(args, torch.linspace(0.9991, 0.0047, num_train_timesteps), "epsilon")
     except ValueError as e:
@@ -320,7 +347,7 @@ def _num_train_timesteps(folder: Path | None) -> int:
 
 
 def detect_architecture(model: Path) -> str:
-    """'sd', 'sdxl' or 'sd3' from a diffusers folder's model_index.json or a single file's tensor names (header
+    """'sd', 'sdxl', 'sd3' or 'flux' from a diffusers folder's model_index.json or a single file's tensor names (header
     only; single files are SD1.x/SD2.x/SDXL)."""
     if model.is_dir():
         index = model / "model_index.json"
@@ -337,8 +364,8 @@ def detect_architecture(model: Path) -> str:
                               f"{flow.REFUSED_PIPELINES[cls]}")
         if cls not in PIPELINE_CLASS_TO_ARCH:
             raise ConfigError(f"unknown architecture: {str(index)!r} names {cls!r}; supported are "
-                              f"{sorted(PIPELINE_CLASS_TO_ARCH)} (SD1.x/SD2.x and SDXL base UNets, SD3 "
-                              f"transformers).")
+                              f"{sorted(PIPELINE_CLASS_TO_ARCH)} (SD1.x/SD2.x and SDXL base UNets, SD3 and "
+                              f"FLUX.1-dev transformers).")
         return PIPELINE_CLASS_TO_ARCH[cls]
     if model.suffix.lower() != ".safetensors":
         raise ConfigError(f"{model.name!r}: single-file checkpoints must be .safetensors (pickled .ckpt/.pt files "
@@ -521,10 +548,18 @@ def apply_recipe(args) -> None:
             setattr(args, key, value)
 
 
+def apply_guidance_defaults(args, guidance: str) -> None:
+    """Fill --w_min / --w_max that were not given with the model's kind of guidance's defaults (DEFAULT_W_RANGE)."""
+    for key, value in zip(("w_min", "w_max"), DEFAULT_W_RANGE[guidance]):
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+
 def _make_objective(args, path, prediction_type, guidance="cfg"):
     """tcd.losses.make_objective, as the node builds it, on `path` (an abar table for the VP models, a
     tcd.paths.FlowPath for flow models); it takes one generator per sample (a list), so the draws never depend on how
     a batch is split."""
+    apply_guidance_defaults(args, guidance)
     return tcd_losses.make_objective(args.objective, path, original_steps=args.original_steps,
                                      w_min=args.w_min, w_max=args.w_max, loss=args.loss, huber_c=args.huber_c,
                                      prediction_type=prediction_type, tcf_order=args.tcf_order, rho=args.rho,
@@ -583,13 +618,18 @@ def unet_call(x, t, cond):
                     "return_dict": False}
 
 
-def call_model(model, call, x, t, cond, params=None):
-    """The raw output of `model` (a UNet / transformer, its DDP wrapper) at (x_t, t, cond); with `params` (the EMA
-    LoRA) the module runs with those parameters in place of its own (torch.func.functional_call)."""
-    args, kwargs = call(x, t, cond)
+def call_model(model, call, x, t, cond, *guidance, params=None):
+    """The raw output of `model` (a UNet / transformer, its DDP wrapper) at (x_t, t, cond) (and the guidance input w
+    of an embedded-guidance model); with `params` (the EMA LoRA) the module runs with those parameters in place of its
+    own (torch.func.functional_call). A call with `finish` (Flux: unpack the tokens) maps the output back to x's
+    layout."""
+    args, kwargs = call(x, t, cond, *guidance)
     if params is not None:
-        return torch.func.functional_call(model, params, args, kwargs, strict=False)[0]
-    return model(*args, **kwargs)[0]
+        out = torch.func.functional_call(model, params, args, kwargs, strict=False)[0]
+    else:
+        out = model(*args, **kwargs)[0]
+    finish = getattr(call, "finish", None)
+    return finish(out, x) if finish is not None else out
 
 
 class Student:
@@ -600,10 +640,10 @@ class Student:
     def __init__(self, wrapped, module, call=unet_call):
         self.wrapped, self.module, self.call, self.calls = wrapped, module, call, 0
 
-    def __call__(self, x, t, cond):
+    def __call__(self, x, t, cond, *guidance):
         model = self.wrapped if self.calls == 0 else self.module
         self.calls += 1
-        return call_model(model, self.call, x, t, cond)
+        return call_model(model, self.call, x, t, cond, *guidance)
 
 
 class LoraEMA:
@@ -636,9 +676,10 @@ def sdxl_time_ids(original_sizes, crop_top_lefts, target_size, dtype) -> torch.T
 
 
 def make_conditioner(pipe, plan: Plan, device):
-    """Captions -> (cond, uncond) for the model's call: the UNet's (Conditioner) or SD3's (accelerate_flow)."""
+    """Captions -> (cond, uncond) for the model's call: the UNet's (Conditioner) or SD3's / Flux's (accelerate_flow;
+    Flux: uncond None, its guidance is an input)."""
     if plan.is_flow:
-        return flow.SD3Conditioner(pipe, device)
+        return flow.make_conditioner(pipe, device)
     return Conditioner(pipe, plan.arch, plan.resolution, device)
 
 
@@ -767,8 +808,10 @@ def _flow_validation(pipe, args, plan: Plan, accelerator, step: int, output_dir:
     images = []
     with accelerator.autocast():
         for i, prompt in enumerate(args.validation_prompts):
+            guidance = args.validation_guidance if args.validation_guidance is not None else FLUX_VALIDATION_GUIDANCE
             image = flow.sample_image(pipe, prompt, args.validation_inference_steps, args.validation_gamma,
-                                      args.original_steps, plan.resolution, args.seed + i, accelerator.device)
+                                      args.original_steps, plan.resolution, args.seed + i, accelerator.device,
+                                      guidance)
             image.save(folder / f"step-{step:06d}-{i}.png")
             images.append(np.asarray(image))
     _log_images(accelerator, images, step)
@@ -787,7 +830,7 @@ def main(argv=None) -> int:
     try:
         plan = validate_args(args)
         # (train raises ConfigError too, for what only the loaded models show: a VAE or text encoder that does not
-        # fit the SD3 transformer)
+        # fit the SD3 / Flux transformer)
         train(args, plan)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -880,9 +923,12 @@ def load_models(run: Run) -> None:
     sched_cfg = pipe.scheduler.config
     run.pipe, run.denoiser, run.vae = pipe, denoiser, vae
     if plan.is_flow:
-        run.call = flow.TransformerCall(sched_cfg.get("num_train_timesteps", 1000))
-        run.objective = flow.make_objective(run.args, dict(sched_cfg), plan.resolution,
-                                            denoiser.config.patch_size, _make_objective)
+        run.call = flow.make_call(pipe)
+        run.objective = flow.make_objective(run.args, flow.folder_configs_of(pipe), plan.resolution,
+                                            _make_objective)
+        if run.objective.guidance == "embedded" and run.args.w_max > EMBEDDED_GUIDANCE_USUAL_MAX:
+            run.log(f"warning: w_max={run.args.w_max:g} is fed to this guidance-distilled model as its guidance "
+                    f"value; FLUX.1-dev is used at 2-5 (3-15 are CFG scales for UNets)")
     else:
         run.call = unet_call
         alphas_cumprod = DDPMScheduler.from_config(sched_cfg).alphas_cumprod.float()
@@ -986,19 +1032,20 @@ def data_loader(run: Run):
 
 def tcd_models(run: Run):
     """The three models of tcd.losses, all on the one UNet / transformer: student (LoRA, trained), teacher
-    (adapters off, as diffusers' SDXL LCM-LoRA script), target (the EMA LoRA, or the online one)."""
+    (adapters off, as diffusers' SDXL LCM-LoRA script), target (the EMA LoRA, or the online one). With embedded
+    guidance (Flux) each is called model(x, t, cond, w) and passes w on as the transformer's guidance input."""
     module, ema, call = run.module, run.ema, run.call
     student = Student(run.wrapped, module, call)
 
-    def teacher(x, t, cond):
+    def teacher(x, t, cond, *guidance):
         module.disable_adapters()
         try:
-            return call_model(module, call, x, t, cond)
+            return call_model(module, call, x, t, cond, *guidance)
         finally:
             module.enable_adapters()
 
-    def target(x, t, cond):
-        return call_model(module, call, x, t, cond, params=None if ema is None else ema.shadow)
+    def target(x, t, cond, *guidance):
+        return call_model(module, call, x, t, cond, *guidance, params=None if ema is None else ema.shadow)
     return student, teacher, target
 
 

@@ -8,6 +8,9 @@
   scheduler with SD3's shift 3, two CLIP text encoders with projection, no T5: text_encoder_3 = tokenizer_3 = None,
   which the pipeline accepts by padding with zeros) whose transformer ComfyUI also loads: SD3_TRANSFORMER keeps
   ComfyUI's detection rule hidden = 64 x depth (scripts/make_tiny_flow.py).
+- `make_pipeline_folder(folder, "flux")`: a FluxPipeline folder (FluxTransformer2DModel with a guidance embedding,
+  as FLUX.1-dev; FLUX.1-dev's dynamically shifted FlowMatchEuler scheduler; a CLIPTextModel for the pooled vector,
+  a T5EncoderModel with a T5 tokenizer built from a small Unigram vocab (`write_t5_tokenizer`), a 16-channel VAE).
 - `write_comfy_sd15_config_folder(folder)`: the configs (no weights) that let diffusers' `from_single_file` read the
   tiny single-file SD1.5 checkpoint written by scripts/make_tiny_sd15.py with `--middle attn --vae kl` (320
   channels, one level, full-size CLIP-L and SD VAE): the layout that both ComfyUI and diffusers read.
@@ -73,6 +76,8 @@ def make_pipeline_folder(folder: Path, arch: str = "sd", seed: int = 0) -> Path:
     import torch
     if arch == "sd3":
         return make_sd3_pipeline_folder(folder, seed)
+    if arch == "flux":
+        return make_flux_pipeline_folder(folder, seed)
     from diffusers import (DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline,
                            UNet2DConditionModel)
     folder = Path(folder)
@@ -98,7 +103,7 @@ def make_pipeline_folder(folder: Path, arch: str = "sd", seed: int = 0) -> Path:
                                          tokenizer_2=tok, unet=unet, scheduler=scheduler,
                                          force_zeros_for_empty_prompt=True)
     else:
-        raise ValueError(f"arch {arch!r}: 'sd', 'sdxl' or 'sd3'")
+        raise ValueError(f"arch {arch!r}: 'sd', 'sdxl', 'sd3' or 'flux'")
     pipe.save_pretrained(folder)
     return folder
 
@@ -134,6 +139,56 @@ def make_sd3_pipeline_folder(folder: Path, seed: int = 0) -> Path:
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=te1, tokenizer=tok, text_encoder_2=te2, tokenizer_2=tok,
                                     text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(folder)
+    return folder
+
+
+def write_t5_tokenizer(folder: Path, max_length: int = 512):
+    """A real T5 tokenizer (transformers' T5Tokenizer, a tokenizers-library Unigram model saved as tokenizer.json)
+    over single characters with and without the word-start marker; T5's specials pad = 0, eos = 1, unk = 2."""
+    from transformers import T5Tokenizer
+    folder = Path(folder)
+    chars = list(string.ascii_lowercase + string.digits + ".,!?-'")
+    vocab = ([("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+             + [("\u2581" + c, -3.0) for c in chars] + [(c, -4.0) for c in chars])
+    tok = T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+    tok.save_pretrained(folder)
+    return tok
+
+
+# FLUX.1-dev's layout at a tiny size: a double-stream and a single-stream block of 2 heads x 16 (rotary axes
+# 4 + 6 + 6 = 16), packed 2x2 latents of the 16-channel VAE (in_channels 64, patch_size 1: the pipeline packs),
+# the guidance embedding (guidance_embeds, FLUX.1-dev), T5 width 32 (joint_attention_dim), CLIP pooled 32.
+FLUX_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1, attention_head_dim=16,
+                        num_attention_heads=2, joint_attention_dim=32, pooled_projection_dim=32,
+                        guidance_embeds=True, axes_dims_rope=(4, 6, 6))
+# FLUX.1-dev's scheduler_config.json and its VAE's latent normalisation.
+FLUX_SCHEDULER = dict(base_image_seq_len=256, base_shift=0.5, max_image_seq_len=4096, max_shift=1.15,
+                      num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True)
+FLUX_VAE_SCALING = dict(scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def make_flux_pipeline_folder(folder: Path, seed: int = 0) -> Path:
+    """Save a tiny FluxPipeline (guidance-distilled, FLUX.1-dev style) as a diffusers folder."""
+    import torch
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+    folder = Path(folder)
+    tok = write_tokenizer(folder.parent / f"_{folder.name}_tokenizer_src")
+    t5_tok = write_t5_tokenizer(folder.parent / f"_{folder.name}_t5_tokenizer_src")
+    clip = _tiny_text_encoder(tok, 32, seed=seed)
+    torch.manual_seed(seed + 1)
+    t5 = T5EncoderModel(T5Config(vocab_size=len(t5_tok), d_model=32, d_kv=8, d_ff=64, num_layers=1, num_heads=2,
+                                 pad_token_id=t5_tok.pad_token_id, eos_token_id=t5_tok.eos_token_id)).eval()
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(**FLUX_TRANSFORMER)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8, 16, 16),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=64, use_quant_conv=False,
+                        use_post_quant_conv=False, **FLUX_VAE_SCALING).eval()
+    pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER), vae=vae, text_encoder=clip,
+                        tokenizer=tok, text_encoder_2=t5, tokenizer_2=t5_tok, transformer=transformer)
     pipe.save_pretrained(folder)
     return folder
 

@@ -115,9 +115,9 @@ def _bad_cases(sd_folder, data, work):
     """(name, argv extras / model / data overrides, expected message fragment)."""
     no_index = work / "no_index"
     (no_index / "unet").mkdir(parents=True, exist_ok=True)
-    flux = work / "flux"
-    flux.mkdir(exist_ok=True)
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    unknown = work / "pixart"
+    unknown.mkdir(exist_ok=True)
+    (unknown / "model_index.json").write_text(json.dumps({"_class_name": "PixArtAlphaPipeline"}))
     lora_file = work / "a_lora.safetensors"
     save_file({"unet.down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.zeros(4, 16)}, str(lora_file))
     ckpt = work / "model.ckpt"
@@ -141,7 +141,7 @@ def _bad_cases(sd_folder, data, work):
     return [
         ("missing model", dict(model=work / "nope"), [], "does not exist"),
         ("folder without model_index", dict(model=no_index), [], "without model_index.json"),
-        ("unknown pipeline", dict(model=flux), [], "unknown architecture"),
+        ("unknown pipeline", dict(model=unknown), [], "unknown architecture"),
         ("lora file as model", dict(model=lora_file), [], "unknown architecture"),
         ("pickle checkpoint", dict(model=ckpt), [], "must be .safetensors"),
         ("arch mismatch", {}, ["--arch", "sdxl"], "does not match"),

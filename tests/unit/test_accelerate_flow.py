@@ -1,7 +1,7 @@
 """train.accelerate_tcd on SD3 (train.accelerate_flow): a tiny real StableDiffusion3Pipeline built from diffusers'
 own classes (tests/support/tiny_diffusers.py, no T5), CPU, no download.
 
-- bad input: Flux folders, incomplete SD3 folders, a VP scheduler in an SD3 folder, half a T5, a shift kind it does
+- bad input: incomplete SD3 folders, a VP scheduler in an SD3 folder, half a T5, a shift kind it does
   not know, a resolution the patch size does not divide, a VAE that does not fit -> a clear message;
 - the objective sits on the model's own path: FlowMatchEuler's shift (or dynamic mu), velocity outputs, timestep =
   sigma * num_train_timesteps as diffusers' SD3 pipeline calls the transformer, uncond = the empty prompt;
@@ -121,10 +121,6 @@ def _copy(folder, dest):
 
 
 def _bad_folders(sd3_folder, work):
-    flux = work / "flux"
-    flux.mkdir(exist_ok=True)
-    (flux / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline", "transformer": [
-        "diffusers", "FluxTransformer2DModel"]}))
     no_te2 = _copy(sd3_folder, work / "no_te2")
     shutil.rmtree(no_te2 / "text_encoder_2")
     vp_sched = _copy(sd3_folder, work / "vp_sched")
@@ -140,7 +136,6 @@ def _bad_folders(sd3_folder, work):
     cfg.update(use_dynamic_shifting=True, time_shift_type="linear")
     (linear_shift / "scheduler" / "scheduler_config.json").write_text(json.dumps(cfg))
     return [
-        ("flux folder", flux, [], "Flux (FluxPipeline) is not supported by this CLI yet"),
         ("missing text encoder", no_te2, [], "folder without text_encoder_2"),
         ("VP scheduler", vp_sched, [], "is a DDPMScheduler (prediction type 'epsilon')"),
         ("T5 without its tokenizer", half_t5, [], "has text_encoder_3 but no tokenizer_3"),
@@ -151,6 +146,8 @@ def _bad_folders(sd3_folder, work):
         ("grid too fine for a flow path", sd3_folder, ["--original_steps", "2000"],
          "original_steps=2000 must be in 1..1000"),
         ("guidance range", sd3_folder, ["--w_min", "5", "--w_max", "2"], "w_min=5.0, w_max=2.0"),
+        ("Flux's validation guidance on SD3", sd3_folder, ["--validation_guidance", "3.5"],
+         "--validation_guidance is for guidance-distilled models (flux)"),
     ]
 
 
@@ -162,8 +159,10 @@ def test_bad_sd3_inputs_get_clear_messages(sd3_folder, data, work):
 
 
 def test_valid_sd3_command_gives_a_flow_plan(sd3_folder, data, work):
-    plan = cli.validate_args(args_for(sd3_folder, data, work / "ok"))
+    args = args_for(sd3_folder, data, work / "ok")
+    plan = cli.validate_args(args)
     assert (plan.arch, plan.is_flow, plan.resolution, len(plan.items)) == ("sd3", True, 1024, 8)
+    assert (args.w_min, args.w_max) == (3.0, 15.0)            # CFG scales (Flux: guidance values 2..5)
     assert plan.flow_configs["scheduler"]["shift"] == 3.0
 
 
@@ -388,7 +387,7 @@ def test_alpha_is_folded_so_diffusers_reproduces_the_trained_transformer(sd3_fol
 def test_flow_objective_is_built_on_the_flow_path(sd3_folder, data, work):
     args = args_for(sd3_folder, data, work / "o", "--resolution", "64")
     plan = cli.validate_args(args)
-    objective = flow.make_objective(args, plan.flow_configs["scheduler"], 64, 2, cli._make_objective)
+    objective = flow.make_objective(args, plan.flow_configs, 64, cli._make_objective)
     assert isinstance(objective.path, FlowPath) and objective.prediction_type == "flow"
     assert objective.guidance == "cfg"              # SD3 is guided by a second, empty-prompt pass
     assert objective.path.name == "shift 3"
