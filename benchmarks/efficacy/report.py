@@ -85,11 +85,11 @@ def grid_rows(results: dict) -> list[tuple[str, int]]:
     return [(teacher, big), (teacher, few), ("lcm", few), ("tcd_ksampler", few), ("tcd_ksampler", 2)]
 
 
-def grid_png(images: dict, results: dict, path: Path, scale: int = 4) -> Path:
-    """Rows: teacher at its most steps, teacher at 4, LCM-LoRA at 4, TCD-LoRA at 4 and 2; columns: prompts 0-9
-    (seed 0, first sample of each prompt)."""
+def grid_png(images: dict, results: dict, path: Path, scale: int = 4, rows: list | None = None) -> Path:
+    """Rows: teacher at its most steps, teacher at 4, LCM-LoRA at 4, TCD-LoRA at 4 and 2 (or the (method key,
+    steps) `rows` given); columns: prompts 0-9 (seed 0, first sample of each prompt)."""
     from PIL import Image, ImageDraw
-    rows = grid_rows(results)
+    rows = grid_rows(results) if rows is None else rows
     cell, pad, label_w, head = 16 * scale, 4, 300, 20
     width = label_w + 10 * (cell + pad) + pad
     height = head + len(rows) * (cell + pad) + pad

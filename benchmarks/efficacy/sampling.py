@@ -93,9 +93,10 @@ def lcm_sampling(model):
         return node("ModelSamplingDiscrete")().patch(model, "lcm", False)[0]
 
 
-def sample(method: Method, model, steps: int, seed: int, positive, negative, batch: int) -> torch.Tensor:
-    """One node call; returns the LATENT samples [batch, 4, 8, 8]."""
-    latent = empty_latent(batch)
+def sample(method: Method, model, steps: int, seed: int, positive, negative, batch: int,
+           empty=empty_latent) -> torch.Tensor:
+    """One node call; returns the LATENT samples ([batch, 4, 8, 8] with this teacher's `empty_latent`)."""
+    latent = empty(batch)
     with torch.inference_mode():
         if method.kind == "ksampler":
             out = node("KSampler")().sample(model, seed, steps, method.cfg, method.sampler, method.scheduler,
@@ -110,11 +111,13 @@ def sample(method: Method, model, steps: int, seed: int, positive, negative, bat
     return out["samples"].float().clone()
 
 
-def sample_digits(method: Method, model, steps: int, seed: int, conds: list, uncond, per_prompt: int):
-    """per_prompt samples of each of the 10 prompts: (images [10 * per_prompt, 16, 16], labels)."""
+def sample_digits(method: Method, model, steps: int, seed: int, conds: list, uncond, per_prompt: int,
+                  empty=empty_latent, decode=M.decode_latents):
+    """per_prompt samples of each of the 10 prompts: (images [10 * per_prompt, 16, 16], labels). `empty` / `decode`:
+    another teacher's latent shape and pixel map (the flow benchmark's)."""
     images, labels = [], []
     for digit, positive in enumerate(conds):
-        latents = sample(method, model, steps, 1000 * seed + digit, positive, uncond, per_prompt)
-        images.append(M.decode_latents(latents))
+        latents = sample(method, model, steps, 1000 * seed + digit, positive, uncond, per_prompt, empty)
+        images.append(decode(latents))
         labels.append(torch.full((per_prompt,), digit, dtype=torch.long))
     return torch.cat(images), torch.cat(labels)
