@@ -4,7 +4,7 @@ Runs each `benchmarks/*.py` script that defines a top-level `main()` (this file 
 the toy-scale paper reproduction (`python -m benchmarks.paper_toy.run`), its rectified-flow variant
 (`python -m benchmarks.paper_toy.run --path flow`) and the end-to-end efficacy benchmark
 (`python -m benchmarks.efficacy.run`: the trainer node on a teacher trained in ComfyUI's classes; the teacher is
-trained once and cached). A failing benchmark does not stop the
+trained once and cached) with its flow variant (`python -m benchmarks.efficacy_flow.run`: an SD3-class teacher). A failing benchmark does not stop the
 others; the exit status is non-zero if any failed. Results land in `benchmarks/results/`.
 """
 from __future__ import annotations
@@ -50,6 +50,7 @@ def discover() -> list[tuple[str, list[str]]]:
     jobs.append(("paper_toy", [sys.executable, "-m", "benchmarks.paper_toy.run"]))
     jobs.append(("paper_toy_flow", [sys.executable, "-m", "benchmarks.paper_toy.run", "--path", "flow"]))
     jobs.append(("efficacy", [sys.executable, "-m", "benchmarks.efficacy.run"]))
+    jobs.append(("efficacy_flow", [sys.executable, "-m", "benchmarks.efficacy_flow.run"]))
     return jobs
 
 
