@@ -33,6 +33,9 @@ def flow_ldm_to_diffusers(model_patcher) -> dict[str, tuple[str, ...]]:
     model's unet_config: the tables its LoRA key map uses). A fused ldm weight holds several diffusers modules:
     SD3's and Flux's `qkv` (to_q, to_k, to_v as slices) and Flux's single-block `linear1` ([q; k; v; proj_mlp]).
     Only >= 2-D weights the model has are listed (SD3's last context block, pre-only, has no proj / mlp).
+    Newer tables also name some weights a second time for other trainers' layouts (ComfyUI 0.12+: LyCORIS LoKr's
+    `ff.linear_in` for `img_mlp.0`, Flux 2's whole-weight `attn.to_qkv_mlp_proj` for `linear1`); such aliases are not
+    parts: a fused weight keeps its slices, a whole weight the first (diffusers') name of the table.
     """
     import comfy.utils
     base_model = getattr(model_patcher, "model", model_patcher)
@@ -42,15 +45,22 @@ def flow_ldm_to_diffusers(model_patcher) -> dict[str, tuple[str, ...]]:
     unet_config = base_model.model_config.unet_config
     table = (comfy.utils.mmdit_to_diffusers if arch == "SD3" else comfy.utils.flux_to_diffusers)(unet_config)
     shapes = unet_weight_shapes(base_model)
-    parts: dict[str, list[str]] = {}
+    sliced: dict[str, dict] = {}
+    whole: dict[str, str] = {}
     for diffusers_key, target in table.items():
         ldm_key = target if isinstance(target, str) else target[0]
         if not (diffusers_key.endswith(".weight") and ldm_key.endswith(".weight")):
             continue
-        ldm = ldm_key[:-len(".weight")]
-        if ldm in shapes:
-            parts.setdefault(ldm, []).append(diffusers_key[:-len(".weight")])
-    return {ldm: tuple(sorted(names)) for ldm, names in parts.items()}
+        ldm, name = ldm_key[:-len(".weight")], diffusers_key[:-len(".weight")]
+        if ldm not in shapes:
+            continue
+        region = None if isinstance(target, str) or len(target) < 2 or target[1] is None else tuple(target[1])
+        if region is None:
+            whole.setdefault(ldm, name)
+        else:
+            sliced.setdefault(ldm, {}).setdefault(region, name)
+    return {ldm: tuple(sorted(sliced[ldm].values())) if ldm in sliced else (whole[ldm],)
+            for ldm in {**whole, **sliced}}
 
 
 def unet_weight_shapes(model_patcher) -> dict[str, tuple]:

@@ -98,18 +98,26 @@ def sample(patcher, cond, seed=0):
 
 
 def expected_targets(patcher, kind):
-    """ldm layers whose every diffusers part is a flow LoRA target, straight from ComfyUI's own tables."""
+    """ldm layers whose every part is a flow LoRA target, straight from ComfyUI's own tables. A part is a slice of
+    a fused weight (qkv, Flux's linear1) or, for an unfused weight, the whole weight; newer tables give some parts
+    more than one diffusers name (aliases for other trainers' layouts), and a part is a target when one of its names
+    is. Returns (targets, ldm layer -> its parts' names)."""
     import comfy.utils
     base = patcher.model
     table = (comfy.utils.mmdit_to_diffusers if kind == "sd3" else comfy.utils.flux_to_diffusers)(
         base.model_config.unet_config)
     sd = base.diffusion_model.state_dict()
-    parts = {}
+    regions = {}
     for diffusers_key, target in table.items():
         ldm_key = target if isinstance(target, str) else target[0]
         if diffusers_key.endswith(".weight") and ldm_key in sd and sd[ldm_key].ndim >= 2:
-            parts.setdefault(ldm_key[:-len(".weight")], []).append(diffusers_key[:-len(".weight")])
-    return {ldm for ldm, names in parts.items() if all(is_flow_lora_target(n) for n in names)}, parts
+            region = "whole" if isinstance(target, str) or target[1] is None else tuple(target[1])
+            names = regions.setdefault(ldm_key[:-len(".weight")], {}).setdefault(region, [])
+            names.append(diffusers_key[:-len(".weight")])
+    parts = {ldm: ({r: n for r, n in rs.items() if r != "whole"} or rs) for ldm, rs in regions.items()}
+    targets = {ldm for ldm, rs in parts.items() if all(any(is_flow_lora_target(n) for n in names)
+                                                         for names in rs.values())}
+    return targets, parts
 
 
 def make_run(env, kind, **overrides):
@@ -292,7 +300,8 @@ def test_flux_dev_receives_the_drawn_w_as_its_guidance_in_every_pass(env):
         net = env["backend"].diffusion_model_of(run.patcher)
         handle = net.register_forward_pre_hook(record, with_kwargs=True)
         try:
-            run.step()
+            with env["backend"].training_mode():        # as train_lora runs every step (newer hosts' rope op)
+                run.step()
         finally:
             handle.remove()
             run.close()
