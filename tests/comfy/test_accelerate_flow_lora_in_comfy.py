@@ -8,47 +8,25 @@ SD3_TRANSFORMER: hidden 128 = 64 x depth 2, the size ComfyUI's MMDiT detection r
 comfy.sd.load_diffusion_model_state_dict (diffusers MMDiT keys are converted by
 model_detection.convert_diffusers_mmdit).
 """
-import importlib
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from support import flow_lora_files as flf
-from support import tiny_diffusers as td
-from support.comfy_folders import loras_folder
+from support.accelerate_runs import (check_node_targets_are_the_clis, check_patched, flow_expected_deltas,
+                                     installed_lora, load_with_pack_loader, train_flow_comfy_lora)
 
-REPO = Path(__file__).resolve().parents[2]
 LORA_NAME = "cli_sd3_tcd_lora.safetensors"
 
 
 @pytest.fixture(scope="module")
 def trained(pack, tmp_path_factory):
     """2 optimizer steps of the CLI on the tiny SD3 folder, LoRA rank 4, alpha 8 (folded into the file)."""
-    work = tmp_path_factory.mktemp("cli_sd3_comfy")
-    folder = td.make_pipeline_folder(work / "tiny_sd3", "sd3")
-    data = td.make_caption_folder(work / "data", n=4, size=64)
-    out = work / "out"
-    cmd = [sys.executable, "-m", "train.accelerate_tcd", "--cpu", "--pretrained_model", str(folder),
-           "--train_data_dir", str(data), "--output_dir", str(out), "--resolution", "64", "--max_train_steps", "2",
-           "--train_batch_size", "2", "--lora_rank", "4", "--lora_alpha", "8", "--learning_rate", "1e-2",
-           "--checkpointing_steps", "0", "--dataloader_num_workers", "0", "--lora_name", LORA_NAME]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "sd3: 4 images" in proc.stdout + proc.stderr
-    return folder, out / LORA_NAME
+    return train_flow_comfy_lora(tmp_path_factory, "sd3", LORA_NAME)
 
 
 @pytest.fixture(scope="module")
 def loras_dir(pack, trained, tmp_path_factory):
-    d = tmp_path_factory.mktemp("loras")
-    (d / LORA_NAME).write_bytes(trained[1].read_bytes())
-    with loras_folder(d):
+    with installed_lora(tmp_path_factory, trained[1], LORA_NAME) as d:
         yield d
 
 
@@ -65,41 +43,6 @@ def comfy_sd3(pack, trained):
     return model
 
 
-def expected_deltas(lora: dict, depth: int, hidden: int) -> dict:
-    """`diffusion_model.<ldm>.weight` -> the full-weight change the file must make: B @ A of each diffusers layer
-    (scale 1: no alpha in the file) placed on its rows of the ComfyUI weight (flow_lora_files.SD3_TO_LDM, written
-    from the model layouts, independently of ComfyUI's key map)."""
-    deltas = {}
-    for key in (k for k in lora if ".lora_A." in k):
-        module = key[len("transformer."):-len(".lora_A.weight")]
-        ldm, rows, swap = flf.ldm_target("sd3", module, hidden, depth)
-        assert not swap
-        delta = lora[key.replace(".lora_A.", ".lora_B.")].float() @ lora[key].float()
-        deltas.setdefault(ldm, []).append((rows, delta))
-    return deltas
-
-
-def check_patched(patcher, base_model, deltas: dict, label: str) -> int:
-    """Every expected ComfyUI weight carries patches that change it by exactly the file's deltas; returns how many
-    weights were checked. No other weight is patched."""
-    import comfy.lora
-    sd = base_model.model.diffusion_model.state_dict()
-    keys = {f"diffusion_model.{ldm}.weight" for ldm in deltas}
-    new = {k for k, v in patcher.patches.items() if len(v) > len(base_model.patches.get(k, []))}
-    assert new == keys, (label, sorted(new ^ keys)[:6])
-    for ldm, parts in deltas.items():
-        key = f"diffusion_model.{ldm}.weight"
-        base = sd[f"{ldm}.weight"].float()
-        expected = torch.zeros_like(base)
-        for rows, delta in parts:
-            offset, size = rows if rows is not None else (0, base.shape[0])
-            expected[offset:offset + size] += delta
-        patched = comfy.lora.calculate_weight(patcher.patches[key], base.clone(), key)
-        atol = 4 * torch.finfo(torch.float32).eps * float(base.abs().max())
-        torch.testing.assert_close(patched - base, expected, rtol=1e-4, atol=atol, msg=lambda m: f"{label} {ldm}: {m}")
-    return len(keys)
-
-
 def x0_of(patcher, x, sigma, cond):
     """ComfyUI's denoised output (CONST: x - sigma v) of the (patched) model."""
     import comfy.model_management as mm
@@ -109,7 +52,6 @@ def x0_of(patcher, x, sigma, cond):
 
 
 def test_cli_sd3_lora_patches_every_layer_in_comfyui_like_diffusers(pack, trained, loras_dir, comfy_sd3):
-    import nodes
     from diffusers import StableDiffusion3Pipeline
     from tcd import backend
     from train import accelerate_flow as flow
@@ -118,15 +60,11 @@ def test_cli_sd3_lora_patches_every_layer_in_comfyui_like_diffusers(pack, traine
     lora = load_file(str(path))
     n_layers = sum(".lora_A." in k for k in lora)
     assert n_layers == 25 and all(k.startswith("transformer.") for k in lora)
-    deltas = expected_deltas(lora, depth=2, hidden=128)
+    # B @ A of each layer (scale 1: no alpha in the file) placed on its rows of the ComfyUI weight.
+    deltas = flow_expected_deltas(lora, "sd3", hidden=128, depth=2)
 
-    # The pack's loader: every layer of the file, exactly its deltas.
-    loader = nodes.NODE_CLASS_MAPPINGS["TCD_LoraLoader"]()
-    pack_model, _, info, _ = loader.load_lora(comfy_sd3, LORA_NAME, 1.0)
-    print(info)
-    assert "model: SD3" in info
-    assert f"transformer layers patched: {n_layers}/{n_layers}" in info
-    assert "family: TCD (SD3 / SD3.5 / FLUX.1, trained with this pack)" in info     # the flow preset, not SD's
+    # The pack's loader: every layer of the file (the flow preset, not SD's), exactly its deltas.
+    pack_model = load_with_pack_loader(comfy_sd3, LORA_NAME, n_layers, "SD3")
     n_pack = check_patched(pack_model, comfy_sd3, deltas, "pack loader")
 
     # Core's loader (LoraLoader / load_lora_for_models) on the same file.
@@ -137,13 +75,8 @@ def test_cli_sd3_lora_patches_every_layer_in_comfyui_like_diffusers(pack, traine
           f"{n_layers}/{n_layers} layers, {n_pack} weights exact; core loader {n_core}/{n_layers} layers, "
           f"{n_core_weights} weights exact")
 
-    # The node's trainer targets exactly the layers the CLI trained (one definition, tcd.lora_targets: the node
-    # through ComfyUI's ldm -> diffusers table, the CLI through PEFT on diffusers names).
-    loop = importlib.import_module(pack.__name__ + ".train.comfy_loop")
-    parts = backend.flow_ldm_to_diffusers(comfy_sd3)
-    node_targets = {p for ldm in loop.lora_target_names(comfy_sd3) for p in parts[ldm]}
-    cli_targets = {k[len("transformer."):-len(".lora_A.weight")] for k in lora if ".lora_A." in k}
-    assert node_targets == cli_targets, (sorted(node_targets - cli_targets), sorted(cli_targets - node_targets))
+    # The node's trainer targets exactly the layers the CLI trained (one definition, tcd.lora_targets).
+    check_node_targets_are_the_clis(pack, comfy_sd3, lora)
 
     # The same computation as diffusers with the same LoRA: x0 = x - sigma v, at timestep sigma * 1000 (both sides).
     pipe = StableDiffusion3Pipeline.from_pretrained(str(folder), text_encoder_3=None, tokenizer_3=None)

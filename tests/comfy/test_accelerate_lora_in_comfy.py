@@ -8,7 +8,6 @@ used: its middle block is two ResBlocks, which diffusers' UNet2DConditionModel c
 is not an AutoencoderKL.)
 """
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,10 +17,9 @@ from safetensors.torch import load_file
 
 import comfyhost
 from support import lora_files as lf
-from support.comfy_folders import loras_folder
 from support import tiny_diffusers as td
+from support.accelerate_runs import REPO, installed_lora, train_comfy_lora
 
-REPO = Path(__file__).resolve().parents[2]
 LORA_NAME = "cli_tcd_lora.safetensors"
 
 
@@ -40,24 +38,13 @@ def trained(kl_ckpt, tmp_path_factory):
     work = tmp_path_factory.mktemp("cli_comfy")
     config = td.write_comfy_sd15_config_folder(work / "config")
     data = td.make_caption_folder(work / "data", n=4, size=64)
-    out = work / "out"
-    cmd = [sys.executable, "-m", "train.accelerate_tcd", "--cpu", "--pretrained_model", str(kl_ckpt),
-           "--model_config", str(config), "--train_data_dir", str(data), "--output_dir", str(out),
-           "--resolution", "64", "--max_train_steps", "2", "--train_batch_size", "1", "--lora_rank", "4",
-           "--learning_rate", "1e-2", "--checkpointing_steps", "0", "--dataloader_num_workers", "0",
-           "--lora_name", LORA_NAME]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-6000:]
-    assert "sd: 4 images" in proc.stdout + proc.stderr
-    return out / LORA_NAME
+    return train_comfy_lora(kl_ckpt, data, work / "out", LORA_NAME, "sd", "--model_config", str(config),
+                            "--train_batch_size", "1")
 
 
 @pytest.fixture(scope="module")
 def loras_dir(pack, trained, tmp_path_factory):
-    d = tmp_path_factory.mktemp("loras")
-    (d / LORA_NAME).write_bytes(trained.read_bytes())
-    with loras_folder(d):
+    with installed_lora(tmp_path_factory, trained, LORA_NAME) as d:
         yield d
 
 

@@ -8,11 +8,9 @@
   micro-conditioning and validation images.
 """
 import json
-import os
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -20,22 +18,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from support import tiny_diffusers as td
+from support.accelerate_runs import (ENV, LORA, LORA_EMA, REPO, args_for, assert_refused, check_resume_matches,
+                                     check_two_processes_match_one, launch, losses_of, one_process_run,
+                                     relative_delta_difference, training_state)
 from train import accelerate_tcd as cli
 
-REPO = Path(__file__).resolve().parents[2]
-# One OpenMP thread per process: on a small shared CPU, torch's default pool makes tiny convolutions ~100x slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-# The runs compared below: 4 optimizer steps of a global batch of 4, a warmup schedule and an EMA target, so a
-# resume that lost the scheduler, optimizer or EMA state would show.
-TRAIN = ["--resolution", "64", "--max_train_steps", "4", "--checkpointing_steps", "2", "--learning_rate", "1e-3",
-         "--lora_rank", "4", "--dataloader_num_workers", "0", "--ema_decay", "0.5", "--lr_scheduler",
-         "constant_with_warmup", "--lr_warmup_steps", "3", "--seed", "0", "--cpu"]
-# The 2-process run may differ from the 1-process run only by float reduction order (batch 2 vs batch 1 forwards,
-# gloo all-reduce), which Adam's normalised steps amplify. The reference for that noise is measured in the same run:
-# the 1-process run repeated with batch 1 x 4 accumulation instead of 2 x 2 (the same samples and draws, another
-# reduction order). The split may be at most REDUCTION_NOISE_FACTOR times that, an order of magnitude; a different
-# seed or data split moves the LoRA by O(1).
-REDUCTION_NOISE_FACTOR = 10.0
+# The runs compared (support.accelerate_runs.TRAIN): 4 optimizer steps of a global batch of 4, a warmup schedule and
+# an EMA target, so a resume that lost the scheduler, optimizer or EMA state would show. The 2-process run may
+# differ from the 1-process run only by float reduction order, to REDUCTION_NOISE_FACTOR (10) times a reference
+# measured in the same run (support.accelerate_runs explains it).
 
 
 # ------------------------------------------------------------------------------------------------ fixtures
@@ -54,54 +45,10 @@ def data(work):
     return td.make_caption_folder(work / "data", n=8, size=64)
 
 
-def args_for(model, data, out, *extra):
-    return cli.parse_args(["--pretrained_model", str(model), "--train_data_dir", str(data), "--output_dir", str(out),
-                           *extra])
-
-
-def launch(argv, processes=1, timeout=300):
-    """`python -m train.accelerate_tcd` (1 process) or `accelerate launch --multi_gpu --num_processes N -m ...`
-    (CPU processes over gloo with --cpu), from the repository root as a user runs it."""
-    if processes == 1:
-        cmd = [sys.executable, "-m", "train.accelerate_tcd", *argv]
-    else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-               "-m", "train.accelerate_tcd", *argv]
-    proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
-    return proc
-
-
-def train_run(sd_folder, data, out, *extra, processes=1):
-    launch(["--pretrained_model", str(sd_folder), "--train_data_dir", str(data), "--output_dir", str(out),
-            *TRAIN, *extra], processes)
-    return out
-
-
-def losses_of(out):
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / cli.LOG_FILE).read_text().splitlines())}
-
-
-def lora_deltas(path):
-    """{layer: B @ A} of a saved LoRA (conv weights flattened): the weight change it applies."""
-    sd = load_file(str(path))
-    return {k: sd[k.replace(".lora_A.", ".lora_B.")].flatten(1) @ sd[k].flatten(1) for k in sd if ".lora_A." in k}
-
-
-def relative_delta_difference(a, b):
-    da, db = lora_deltas(a), lora_deltas(b)
-    assert da.keys() == db.keys()
-    num = sum((da[k] - db[k]).pow(2).sum() for k in da).sqrt()
-    return float(num / sum(v.pow(2).sum() for v in da.values()).sqrt())
-
-
 @pytest.fixture(scope="module")
 def one_process(sd_folder, data, work):
     """1 process x batch 2 x 2 accumulation steps, validation images at the end."""
-    return train_run(sd_folder, data, work / "one", "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
-                     "--validation_prompts", "a red square", "--validation_steps", "4",
-                     "--validation_inference_steps", "2")
+    return one_process_run(sd_folder, data, work)
 
 
 # ------------------------------------------------------------------------------------------------ validation
@@ -169,11 +116,8 @@ def _bad_cases(sd_folder, data, work):
 
 def test_bad_inputs_get_clear_messages(sd_folder, data, work):
     for name, over, extra, fragment in _bad_cases(sd_folder, data, work):
-        args = args_for(over.get("model", sd_folder), over.get("data", data), over.get("out", work / "out_bad"),
-                        *extra)
-        with pytest.raises(cli.ConfigError) as e:
-            cli.validate_args(args)
-        assert fragment in str(e.value), f"{name}: {e.value}"
+        assert_refused(args_for(over.get("model", sd_folder), over.get("data", data),
+                                over.get("out", work / "out_bad"), *extra), fragment, name)
 
 
 @pytest.mark.skipif(cli._importable("bitsandbytes"), reason="bitsandbytes is installed here")
@@ -250,51 +194,22 @@ def test_per_sample_draws_equal_whatever_the_batch():
 def test_two_processes_match_one_process(sd_folder, data, work, one_process):
     """Global batch 4 both ways: 1 process x 2 x 2 accumulation vs 2 processes (DDP, gloo) x 1 x 2 accumulation
     with gradient checkpointing (recomputation must not change the gradients)."""
-    two = train_run(sd_folder, data, work / "two", "--train_batch_size", "1", "--gradient_accumulation_steps", "2",
-                    "--gradient_checkpointing", processes=2)
-    l1, l2 = losses_of(one_process), losses_of(two)
-    assert sorted(l1) == sorted(l2) == [1, 2, 3, 4]
-    for step in l1:
-        assert abs(l1[step] - l2[step]) <= 1e-4 * abs(l1[step]), (step, l1[step], l2[step])
-    rel = relative_delta_difference(one_process / "pytorch_lora_weights.safetensors",
-                                    two / "pytorch_lora_weights.safetensors")
-    rel_ema = relative_delta_difference(one_process / "pytorch_lora_weights_ema.safetensors",
-                                        two / "pytorch_lora_weights_ema.safetensors")
-    micro = train_run(sd_folder, data, work / "one_micro", "--train_batch_size", "1",
-                      "--gradient_accumulation_steps", "4")
-    noise = relative_delta_difference(one_process / "pytorch_lora_weights.safetensors",
-                                      micro / "pytorch_lora_weights.safetensors")
-    print(f"1 vs 2 processes: losses {l1} vs {l2}; relative LoRA delta difference {rel:.2e} (EMA {rel_ema:.2e}); "
-          f"reduction-order reference (1 process, batch 2x2 vs 1x4) {noise:.2e}")
-    assert 0 < noise < 0.1                                    # a float-noise reference, not a different run
-    assert rel <= REDUCTION_NOISE_FACTOR * noise and rel_ema <= REDUCTION_NOISE_FACTOR * noise
-    ema_vs_online = relative_delta_difference(one_process / "pytorch_lora_weights.safetensors",
-                                              one_process / "pytorch_lora_weights_ema.safetensors")
+    two = check_two_processes_match_one(sd_folder, data, work, one_process, "SD")
+    ema_vs_online = relative_delta_difference(one_process / LORA, one_process / LORA_EMA)
     assert ema_vs_online > 0.05                               # the EMA file really holds the EMA
-    state = json.loads((two / "checkpoint-4" / "training_state.json").read_text())
+    state = training_state(two)
     assert (state["num_processes"], state["global_batch"]) == (2, 4)
 
 
 def test_resume_reaches_the_uninterrupted_lora(sd_folder, data, work, one_process):
-    resumed = work / "resumed"
-    resumed.mkdir()
-    shutil.copytree(one_process / "checkpoint-2", resumed / "checkpoint-2")
-    train_run(sd_folder, data, resumed, "--train_batch_size", "2", "--gradient_accumulation_steps", "2",
-              "--resume_from_checkpoint", "latest")
-    for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
-        a, b = load_file(str(one_process / name)), load_file(str(resumed / name))
-        assert a.keys() == b.keys()
-        worst = max(float((a[k] - b[k]).abs().max()) for k in a)
-        print(f"resume {name}: max abs difference {worst:.3g}")
-        assert worst <= 1e-7
-    full, tail = losses_of(one_process), losses_of(resumed)
-    assert tail == {3: full[3], 4: full[4]}
+    """Resumed from checkpoint-2: the uninterrupted run's LoRA and EMA to 1e-7, the same losses at steps 3 and 4."""
+    check_resume_matches(sd_folder, data, work, one_process, "SD", exact=False)
 
 
 def test_saved_lora_loads_in_diffusers_on_every_layer_and_changes_the_output(sd_folder, one_process):
     from diffusers import StableDiffusionPipeline, TCDScheduler
     from peft.tuners.tuners_utils import BaseTunerLayer
-    path = one_process / "pytorch_lora_weights.safetensors"
+    path = one_process / LORA
     with safe_open(str(path), "pt") as f:
         meta, keys = f.metadata(), list(f.keys())
     assert meta["tcd.family"] == "TCD LoRA" and meta["tcd.base_architecture"] == "sd"
@@ -312,7 +227,7 @@ def test_saved_lora_loads_in_diffusers_on_every_layer_and_changes_the_output(sd_
                     generator=torch.Generator().manual_seed(0), output_type="pt").images
 
     base = image()
-    pipe.load_lora_weights(str(one_process), weight_name="pytorch_lora_weights.safetensors")
+    pipe.load_lora_weights(str(one_process), weight_name=LORA)
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()) == n_layers
     with_lora = image()
     diff = float((with_lora - base).abs().max())
@@ -372,8 +287,8 @@ def test_sdxl_run_with_micro_conditioning_second_order_tcf_and_validation(work, 
     kw = dict(prompt="a red square", num_inference_steps=1, guidance_scale=0.0, height=64, width=64,
               output_type="pt")
     base = pipe(generator=torch.Generator().manual_seed(0), **kw).images
-    pipe.load_lora_weights(str(out), weight_name="pytorch_lora_weights.safetensors")
-    n_layers = sum(".lora_A." in k for k in load_file(str(out / "pytorch_lora_weights.safetensors")))
+    pipe.load_lora_weights(str(out), weight_name=LORA)
+    n_layers = sum(".lora_A." in k for k in load_file(str(out / LORA)))
     assert sum(isinstance(m, BaseTunerLayer) for m in pipe.unet.modules()) == n_layers
     assert float((pipe(generator=torch.Generator().manual_seed(0), **kw).images - base).abs().max()) > 1e-4
 
