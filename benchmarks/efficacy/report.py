@@ -43,6 +43,12 @@ def comparisons(results: dict) -> list[dict]:
         if m["sweep"] and m["model"] == "tcd":
             for n in m["nfes"]:
                 pairs.append(("tcd_gamma_vs_lcm", m["key"], n, "lcm", n))
+    return paired_comparisons(results, pairs)
+
+
+def paired_comparisons(results: dict, pairs: list[tuple]) -> list[dict]:
+    """For each (kind, A, A's steps, B, B's steps) and each metric: the paired difference A - B over seeds and its
+    verdict."""
     out = []
     for kind, a, na, b, nb in pairs:
         for metric, (_, _, sign) in METRICS.items():
@@ -112,13 +118,22 @@ def grid_png(images: dict, results: dict, path: Path, scale: int = 4, rows: list
     return path
 
 
-def _table(results: dict, metric: str) -> list[str]:
+def score_tables(results: dict, methods: list | None = None) -> list[str]:
+    """The grid picture, then the KID and the class accuracy tables (_table)."""
+    return ["![samples: rows teacher, LCM LoRA, TCD LoRA; columns prompts 0-9](grid.png)", "",
+            "## KID (lower is better)", "", *_table(results, "kid", methods), "",
+            "## Class accuracy (higher is better)", "", *_table(results, "accuracy", methods), ""]
+
+
+def _table(results: dict, metric: str, methods: list | None = None) -> list[str]:
+    """One row per method (those not in the gamma sweep unless `methods` are given), a column per step count, and
+    the real digits' floor."""
     cfg = results["config"]
     cols = list(cfg["nfes"]) + list(cfg["teacher_ref_steps"])
     lines = ["| method | " + " | ".join(f"{c} steps" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m in results["methods"]:
-        if m["sweep"]:
-            continue
+    if methods is None:
+        methods = [m for m in results["methods"] if not m["sweep"]]
+    for m in methods:
         row = results["scores"][m["key"]]
         lines.append(f"| {m['label']} | " + " | ".join(_cell(row[str(c)][metric]) if str(c) in row else ""
                                                      for c in cols) + " |")
@@ -165,6 +180,11 @@ def _gamma_trend(results: dict, rows: list) -> str:
     return "Measured: " + "; ".join(parts) + "." if parts else ""
 
 
+def _say(c: dict) -> str:
+    d = c["difference"]
+    return f"{c['verdict']} (Δ {_fmt(d['mean'])} ± {_fmt(d['half'])})"
+
+
 def _goal_lines(results: dict) -> list[str]:
     comps = results["comparisons"]
     cfg = results["config"]
@@ -173,23 +193,19 @@ def _goal_lines(results: dict) -> list[str]:
         return next(c for c in comps if c["kind"] == kind and c["a"] == a and c["b"] == b and c["metric"] == metric
                     and (na is None or c["a_steps"] == na) and (nb is None or c["b_steps"] == nb))
 
-    def say(c):
-        d = c["difference"]
-        return f"{c['verdict']} (Δ {_fmt(d['mean'])} ± {_fmt(d['half'])})"
-
     lines = []
     ref = 25 if 25 in cfg["teacher_ref_steps"] else max(cfg["teacher_ref_steps"])
     for tcd in TCD_KEYS:
         lines.append(f"- **{_label(results, tcd)} at 4 steps vs the teacher at {ref} steps with CFG** "
                      f"(goal: within the interval, i.e. not worse):")
         for teacher in TEACHER_KEYS:
-            parts = [f"{METRICS[m][0]} {say(find('tcd4_vs_teacher_ref', tcd, teacher, nb=ref, metric=m))}"
+            parts = [f"{METRICS[m][0]} {_say(find('tcd4_vs_teacher_ref', tcd, teacher, nb=ref, metric=m))}"
                      for m in METRICS]
             lines.append(f"  - vs {_label(results, teacher)}: " + "; ".join(parts))
     for tcd in TCD_KEYS:
         lines.append(f"- **{_label(results, tcd)} vs the LCM LoRA at the same NFE** (goal: not worse at NFE 2, 4, 8):")
         for n in cfg["nfes"]:
-            parts = [f"{METRICS[m][0]} {say(find('tcd_vs_lcm', tcd, 'lcm', na=n, metric=m))}" for m in METRICS]
+            parts = [f"{METRICS[m][0]} {_say(find('tcd_vs_lcm', tcd, 'lcm', na=n, metric=m))}" for m in METRICS]
             lines.append(f"  - NFE {n}: " + "; ".join(parts))
     sweep_tcd = [m["key"] for m in results["methods"] if m["sweep"] and m["model"] == "tcd"]
     if sweep_tcd:
@@ -198,7 +214,7 @@ def _goal_lines(results: dict) -> list[str]:
             parts = []
             for c in comps:
                 if c["kind"] == "tcd_gamma_vs_lcm" and c["a"] == key:
-                    parts.append(f"NFE {c['a_steps']} {METRICS[c['metric']][0]} {say(c)}")
+                    parts.append(f"NFE {c['a_steps']} {METRICS[c['metric']][0]} {_say(c)}")
             lines.append(f"  - {_label(results, key)}: " + "; ".join(parts))
     for tcd in TCD_KEYS:
         lines.append(f"- **{_label(results, tcd)} vs the teacher at the same number of steps**:")
@@ -206,7 +222,7 @@ def _goal_lines(results: dict) -> list[str]:
             parts = []
             for teacher in FEW_STEP_TEACHER_KEYS:
                 c = find("tcd_vs_teacher_same_nfe", tcd, teacher, na=n, nb=n)
-                parts.append(f"vs {teacher_short(teacher)}: KID {say(c)}")
+                parts.append(f"vs {teacher_short(teacher)}: KID {_say(c)}")
             lines.append(f"  - NFE {n}: " + "; ".join(parts))
     return lines
 
@@ -291,16 +307,7 @@ def summary_markdown(results: dict) -> str:
         f"{results['classifier_test_accuracy']:.3f} on held-out digits) against the 599 held-out digits. Intervals: "
         "mean ± half-width of the 95% t-interval over seeds; comparisons use paired per-seed differences.",
         "",
-        "![samples: rows teacher, LCM LoRA, TCD LoRA; columns prompts 0-9](grid.png)",
-        "",
-        "## KID (lower is better)",
-        "",
-        *_table(results, "kid"),
-        "",
-        "## Class accuracy (higher is better)",
-        "",
-        *_table(results, "accuracy"),
-        "",
+        *score_tables(results),
         "KID's floor here is negative, not 0: every set scored (real or generated) holds exactly "
         f"{cfg['per_prompt']} digits of each class, which has fewer same-class pairs than the i.i.d. draws the "
         "unbiased estimator assumes, and that lowers it by the same amount for every row. Compare rows with each "
@@ -313,8 +320,8 @@ def summary_markdown(results: dict) -> str:
         "## Gamma (γ), for the TCD LoRA and for the teacher itself",
         "",
         f"The TCD Sampler at several γ ({len(cfg['seeds'])} seeds, same noise): how far each step jumps along the "
-        "learned trajectory (to s = (1 − γ)·t_next) before re-noising. The teacher row uses the same sampler on the teacher without "
-        "the LoRA, with its CFG.",
+        "learned trajectory (to s = (1 − γ)·t_next) before re-noising. The teacher row uses the same sampler on "
+        "the teacher without the LoRA, with its CFG.",
         "",
         *_sweep_lines(results),
         "",
@@ -322,14 +329,14 @@ def summary_markdown(results: dict) -> str:
         "",
         *_feasibility_lines(results),
         "",
-        "## Where the time went",
-        "",
-        "| phase | wall | CPU |",
-        "|---|---|---|",
-        *[f"| {k} | {v['wall_s']:.0f} s | {v['cpu_s']:.0f} s |" for k, v in results["phases"].items()],
-        "",
+        *time_lines(results),
     ]
     return "\n".join(lines)
+
+
+def time_lines(results: dict) -> list[str]:
+    return ["## Where the time went", "", "| phase | wall | CPU |", "|---|---|---|",
+            *[f"| {k} | {v['wall_s']:.0f} s | {v['cpu_s']:.0f} s |" for k, v in results["phases"].items()], ""]
 
 
 def _rounded(obj, digits: int = 6):
@@ -342,8 +349,10 @@ def _rounded(obj, digits: int = 6):
     return obj
 
 
-def write(results: dict, out: Path) -> None:
-    for name, text in (("summary.md", summary_markdown(results)),
+def write(results: dict, out: Path, summary: str | None = None) -> None:
+    """summary.md (`summary`, else this benchmark's summary_markdown) and results.json in `out`, atomically."""
+    summary = summary_markdown(results) if summary is None else summary
+    for name, text in (("summary.md", summary),
                        ("results.json", json.dumps(_rounded(results), indent=1, allow_nan=True, default=str))):
         tmp = out / (name + ".tmp")
         tmp.write_text(text)

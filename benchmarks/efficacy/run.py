@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -123,6 +124,32 @@ def load_training_set() -> tuple[list, list, object]:
     return latents, conds, negative
 
 
+@contextlib.contextmanager
+def work_folder(prefix: str, keep_work: bool = False, log=print):
+    """A temporary folder set up as ComfyUI's output and loras folders (comfy_setup), torch at one thread meanwhile;
+    afterwards the thread count is restored and the folder removed (or kept, and said so)."""
+    import torch
+    work = Path(tempfile.mkdtemp(prefix=prefix))
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        comfy_setup(work)
+        yield work
+    finally:
+        torch.set_num_threads(previous_threads)
+        if keep_work:
+            log(f"work folder kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def digit_scorer(data):
+    """Scores in the digit classifier's features (metrics.Scorer), the classifier cached with this benchmark's
+    teacher."""
+    from . import metrics, teacher as T
+    return metrics.Scorer(data.train, data.train_labels, data.test, data.test_labels, cache=T.cache_dir())
+
+
 def prompt_conditionings(clip) -> tuple[list, object]:
     import nodes
     import torch
@@ -141,11 +168,12 @@ def lora_difference(path_a: str, path_b: str) -> float:
 
 
 # ----------------------------------------------------------------------------------------------- the two phases
-def distill_one(teacher, cfg: dict, objective: str, work: Path) -> dict:
+def distill_one(teacher, cfg: dict, objective: str, work: Path, prefix: str = "eff") -> dict:
+    """The node's LoRA for `objective` on the saved training set; its file is named `prefix`_`objective`."""
     from . import distill
     latents, conds, negative = load_training_set()
     settings = distill.objective_settings(objective, cfg["teacher_cfg"])
-    r = distill.run_node(teacher, latents, conds, negative, settings, cfg["budget"], f"eff_{objective}")
+    r = distill.run_node(teacher, latents, conds, negative, settings, cfg["budget"], f"{prefix}_{objective}")
     path = work / "models" / "loras" / r["lora_name"]
     return {"inputs": r["inputs"], "wall_s": round(r["wall_s"], 1), "cpu_s": round(r["cpu_s"], 1),
             "lora_name": r["lora_name"], "lora": str(path), "losses": _losses_of(path)}
@@ -156,9 +184,11 @@ def all_methods(cfg: dict) -> list:
     return S.methods(cfg["teacher_cfg"]) + S.gamma_sweep(cfg["teacher_cfg"])
 
 
-def sampling_jobs(cfg: dict) -> list[tuple[str, int]]:
+def sampling_jobs(cfg: dict, methods: list | None = None) -> list[tuple[str, int]]:
+    """(method key, steps) for every method (all_methods(cfg) unless given): cfg's NFEs or the method's own, and the
+    reference step counts for the reference teachers."""
     jobs = []
-    for m in all_methods(cfg):
+    for m in all_methods(cfg) if methods is None else methods:
         steps = list(m.nfes or cfg["nfes"])
         if m.model == "teacher" and m.reference:
             steps += list(cfg["teacher_ref_steps"])
@@ -189,14 +219,30 @@ def sample_jobs(jobs: list, cfg: dict, teacher, lora_names: dict, clip, scorer) 
     scores, tiles = {}, {}
     for key, steps in jobs:
         m = methods[key]
-        per_seed = []
-        for seed in cfg["seeds"]:
-            images, labels = S.sample_digits(m, models[m.model], steps, seed, prompts, negative, cfg["per_prompt"])
-            per_seed.append(scorer(images, labels))
-            if seed == cfg["seeds"][0]:
-                tiles[f"{key}@{steps}"] = images[::cfg["per_prompt"]].clone()
+        per_seed, tiles[f"{key}@{steps}"] = score_seeds(S.sample_digits, m, models[m.model], steps, cfg, prompts,
+                                                        negative, scorer)
         scores.setdefault(key, {})[str(steps)] = per_seed
     return scores, tiles
+
+
+def score_seeds(sample_digits, method, model, steps: int, cfg: dict, prompts, negative, scorer) -> tuple[list, object]:
+    """The scores of `method` on `model` at `steps`, one per seed of cfg["seeds"] (cfg["per_prompt"] samples of each
+    prompt), and the first seed's first sample of each prompt (a grid row)."""
+    per_seed, tile = [], None
+    for seed in cfg["seeds"]:
+        images, labels = sample_digits(method, model, steps, seed, prompts, negative, cfg["per_prompt"])
+        per_seed.append(scorer(images, labels))
+        if seed == cfg["seeds"][0]:
+            tile = images[::cfg["per_prompt"]].clone()
+    return per_seed, tile
+
+
+def intervals(per_seed: dict) -> dict:
+    """{method: {steps: {metric: 95% t-interval over seeds}}} from the per-seed scores."""
+    from . import metrics
+    return {key: {steps: {k: metrics.t_interval([s[k] for s in runs]) for k in runs[0]}
+                  for steps, runs in sorted(by_steps.items(), key=lambda kv: int(kv[0]))}
+            for key, by_steps in per_seed.items()}
 
 
 class Worker:
@@ -225,7 +271,7 @@ class Worker:
 
 def worker_main(kind: str, config_name: str, work: Path, job_path: Path) -> None:
     import torch
-    from . import data as D, metrics, teacher as T
+    from . import data as D, teacher as T
     torch.set_num_threads(1)
     cfg = CONFIGS[config_name]
     job = json.loads(job_path.read_text())
@@ -235,8 +281,7 @@ def worker_main(kind: str, config_name: str, work: Path, job_path: Path) -> None
     if kind == "distill":
         out = distill_one(teacher, cfg, job["objective"], work)
     else:
-        data = D.load()
-        scorer = metrics.Scorer(data.train, data.train_labels, data.test, data.test_labels, cache=T.cache_dir())
+        scorer = digit_scorer(D.load())
         scores, tiles = sample_jobs([tuple(j) for j in job["jobs"]], cfg, teacher, job["loras"], clip, scorer)
         torch.save(tiles, work / ".worker_tiles.pt")
         out = {"scores": scores, "cpu_s": time.process_time() - c0}
@@ -251,100 +296,90 @@ def run(config_name: str = "full", out: Path = DEFAULT_OUT, keep_work: bool = Fa
     cfg = CONFIGS[config_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="tcd_efficacy_"))
     clock = Clock()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     t_all, c_all = time.time(), time.process_time()
     background, workers = None, []
-    try:
-        comfy_setup(work)
-        with clock("teacher (load or train)"):
-            teacher, clip, info = T.get_teacher(cfg["teacher"], log=log)
-        data = D.load()
-        with clock("dataset + classifier"):
-            save_training_set(clip, data)
-            scorer = metrics.Scorer(data.train, data.train_labels, data.test, data.test_labels,
-                                    cache=T.cache_dir())
-        # ---------------------------------------------------------------- distillation through the node
-        # Three trainings at once, one thread each: TCD in this process, LCM in a worker, and TCD again on a
-        # headless server through the HTTP API (the shipped distill workflow, adapted).
-        with clock("distill: TCD here, LCM in a worker, TCD on the server (in parallel)"):
-            graph = None
-            if cfg["http"]:
-                from . import distill
-                graph = server.adapted_workflow(info["path"], DATASET, UNCOND_DATASET,
-                                                distill.objective_settings("tcd", cfg["teacher_cfg"]),
-                                                cfg["budget"], "eff_tcd_http")
-                threads = os.environ.get("OMP_NUM_THREADS")
-                os.environ["OMP_NUM_THREADS"] = "1"          # the server process inherits it
-                try:
-                    background = server.HttpDistill(work, Path(os.environ["COMFYUI_DIR"]), sys.executable, graph,
-                                                    "eff_tcd_http")
-                finally:
-                    if threads is None:
-                        os.environ.pop("OMP_NUM_THREADS")
-                    else:
-                        os.environ["OMP_NUM_THREADS"] = threads
-            workers.append(Worker("distill", config_name, work, {"objective": "lcm"}))
-            runs = {"tcd": distill_one(teacher, cfg, "tcd", work)}
-            log(f"distilled tcd: {runs['tcd']['wall_s']:.0f}s wall, {runs['tcd']['cpu_s']:.0f}s CPU")
-            runs["lcm"] = workers.pop().result()
-            log(f"distilled lcm: {runs['lcm']['wall_s']:.0f}s wall, {runs['lcm']['cpu_s']:.0f}s CPU")
-            http = None
+    with work_folder("tcd_efficacy_", keep_work, log) as work:
+        try:
+            with clock("teacher (load or train)"):
+                teacher, clip, info = T.get_teacher(cfg["teacher"], log=log)
+            data = D.load()
+            with clock("dataset + classifier"):
+                save_training_set(clip, data)
+                scorer = digit_scorer(data)
+            # ---------------------------------------------------------------- distillation through the node
+            # Three trainings at once, one thread each: TCD in this process, LCM in a worker, and TCD again on a
+            # headless server through the HTTP API (the shipped distill workflow, adapted).
+            with clock("distill: TCD here, LCM in a worker, TCD on the server (in parallel)"):
+                graph = None
+                if cfg["http"]:
+                    from . import distill
+                    graph = server.adapted_workflow(info["path"], DATASET, UNCOND_DATASET,
+                                                    distill.objective_settings("tcd", cfg["teacher_cfg"]),
+                                                    cfg["budget"], "eff_tcd_http")
+                    threads = os.environ.get("OMP_NUM_THREADS")
+                    os.environ["OMP_NUM_THREADS"] = "1"          # the server process inherits it
+                    try:
+                        background = server.HttpDistill(work, Path(os.environ["COMFYUI_DIR"]), sys.executable, graph,
+                                                        "eff_tcd_http")
+                    finally:
+                        if threads is None:
+                            os.environ.pop("OMP_NUM_THREADS")
+                        else:
+                            os.environ["OMP_NUM_THREADS"] = threads
+                workers.append(Worker("distill", config_name, work, {"objective": "lcm"}))
+                runs = {"tcd": distill_one(teacher, cfg, "tcd", work)}
+                log(f"distilled tcd: {runs['tcd']['wall_s']:.0f}s wall, {runs['tcd']['cpu_s']:.0f}s CPU")
+                runs["lcm"] = workers.pop().result()
+                log(f"distilled lcm: {runs['lcm']['wall_s']:.0f}s wall, {runs['lcm']['cpu_s']:.0f}s CPU")
+                http = None
+                if background is not None:
+                    http = background.result()
+                    http["max_abs_difference_vs_in_process"] = lora_difference(http["lora_path"], runs["tcd"]["lora"])
+                    http["graph"] = graph
+                    log(f"server run: {http['prompt_s']:.0f}s; LoRA max |difference| vs in-process "
+                        f"{http['max_abs_difference_vs_in_process']:.3g}")
+            # ---------------------------------------------------------------- sampling and scores, in two processes
+            with clock("sampling + scoring (two processes)"):
+                mine, theirs = split_jobs(sampling_jobs(cfg), cfg)
+                loras = {k: runs[k]["lora_name"] for k in runs}
+                workers.append(Worker("sample", config_name, work, {"jobs": theirs, "loras": loras}))
+                per_seed, tiles = sample_jobs(mine, cfg, teacher, loras, clip, scorer)
+                theirs_result = workers.pop().result()
+                sampler_cpu = theirs_result["cpu_s"]
+                for key, by_steps in theirs_result["scores"].items():
+                    per_seed.setdefault(key, {}).update(by_steps)
+                tiles.update(torch.load(work / ".worker_tiles.pt", weights_only=True))
+                floor = _data_floor(scorer, data, cfg, metrics)
+            scores = intervals(per_seed)
+            with clock("demo feasibility (loadable SD1.5-shaped model)"):
+                feasible = feasibility.loadable_model_cost(float(info.get("train", {}).get("cpu_s", 0.0)))
+            from . import sampling as S
+            results = {
+                "config_name": config_name, "config": cfg, "machine": _machine(),
+                "teacher": {k: v for k, v in info.items() if k not in ("unet_config", "clip_config")},
+                "teacher_unet_config": json.loads(info["unet_config"]),
+                "teacher_clip_config": json.loads(info["clip_config"]),
+                "gamma_by_nfe": S.GAMMA_BY_NFE, "teacher_schedulers": S.TEACHER_SCHEDULERS,
+                "methods": [dict(m.__dict__) for m in all_methods(cfg)], "distill": runs, "http": http,
+                "classifier_test_accuracy": scorer.test_accuracy, "floor": floor, "scores": scores,
+                "demo_feasibility": feasible,
+            }
+            results["comparisons"] = report.comparisons(results)
+            with clock("report"):
+                by_method_steps = {(k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])): v for k, v in tiles.items()}
+                report.grid_png(by_method_steps, results, out / "grid.png")
+            results["phases"] = clock.phases
+            # CPU: this process and the two workers (the server's own CPU time is not visible from here)
+            results["wall_s"] = round(time.time() - t_all, 1)
+            results["cpu_s"] = round(time.process_time() - c_all + runs["lcm"]["cpu_s"] + sampler_cpu, 1)
+            report.write(results, out)
+            return results
+        finally:
+            for w in workers:
+                w.stop()
             if background is not None:
-                http = background.result()
-                http["max_abs_difference_vs_in_process"] = lora_difference(http["lora_path"], runs["tcd"]["lora"])
-                http["graph"] = graph
-                log(f"server run: {http['prompt_s']:.0f}s; LoRA max |difference| vs in-process "
-                    f"{http['max_abs_difference_vs_in_process']:.3g}")
-        # ---------------------------------------------------------------- sampling and scores, in two processes
-        with clock("sampling + scoring (two processes)"):
-            mine, theirs = split_jobs(sampling_jobs(cfg), cfg)
-            loras = {k: runs[k]["lora_name"] for k in runs}
-            workers.append(Worker("sample", config_name, work, {"jobs": theirs, "loras": loras}))
-            per_seed, tiles = sample_jobs(mine, cfg, teacher, loras, clip, scorer)
-            theirs_result = workers.pop().result()
-            sampler_cpu = theirs_result["cpu_s"]
-            for key, by_steps in theirs_result["scores"].items():
-                per_seed.setdefault(key, {}).update(by_steps)
-            tiles.update(torch.load(work / ".worker_tiles.pt", weights_only=True))
-            floor = _data_floor(scorer, data, cfg, metrics)
-        scores = {key: {steps: {k: metrics.t_interval([s[k] for s in runs_]) for k in runs_[0]}
-                        for steps, runs_ in sorted(by_steps.items(), key=lambda kv: int(kv[0]))}
-                  for key, by_steps in per_seed.items()}
-        with clock("demo feasibility (loadable SD1.5-shaped model)"):
-            feasible = feasibility.loadable_model_cost(float(info.get("train", {}).get("cpu_s", 0.0)))
-        from . import sampling as S
-        results = {
-            "config_name": config_name, "config": cfg, "machine": _machine(),
-            "teacher": {k: v for k, v in info.items() if k not in ("unet_config", "clip_config")},
-            "teacher_unet_config": json.loads(info["unet_config"]), "teacher_clip_config": json.loads(info["clip_config"]),
-            "gamma_by_nfe": S.GAMMA_BY_NFE, "teacher_schedulers": S.TEACHER_SCHEDULERS,
-            "methods": [dict(m.__dict__) for m in all_methods(cfg)], "distill": runs, "http": http,
-            "classifier_test_accuracy": scorer.test_accuracy, "floor": floor, "scores": scores,
-            "demo_feasibility": feasible,
-        }
-        results["comparisons"] = report.comparisons(results)
-        with clock("report"):
-            by_method_steps = {(k.rsplit("@", 1)[0], int(k.rsplit("@", 1)[1])): v for k, v in tiles.items()}
-            report.grid_png(by_method_steps, results, out / "grid.png")
-        results["phases"] = clock.phases
-        # CPU: this process and the two workers (the server's own CPU time is not visible from here)
-        results["wall_s"] = round(time.time() - t_all, 1)
-        results["cpu_s"] = round(time.process_time() - c_all + runs["lcm"]["cpu_s"] + sampler_cpu, 1)
-        report.write(results, out)
-        return results
-    finally:
-        for w in workers:
-            w.stop()
-        if background is not None:
-            background.server.stop()            # idempotent; a no-op when the run finished
-        torch.set_num_threads(previous_threads)
-        if keep_work:
-            log(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
+                background.server.stop()            # idempotent; a no-op when the run finished
 
 
 def _losses_of(path: Path) -> list:

@@ -1,13 +1,13 @@
 """Paired comparisons, the picture grid, summary.md and results.json of the flow efficacy benchmark (the VP
-benchmark's intervals, verdicts, number format and picture grid: benchmarks/efficacy/report.py)."""
+benchmark's paired differences, verdicts, number format, score tables, picture grid and file writing:
+benchmarks/efficacy/report.py)."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from ..efficacy import metrics
-from ..efficacy.report import METRICS, _cell, _fmt, _rounded, grid_png, verdict
+from ..efficacy import report as vp
+from ..efficacy.report import METRICS, _fmt, _label, _say, grid_png
 
 LORA = "tcd"
 
@@ -23,10 +23,6 @@ def reference_teachers(results: dict) -> list[str]:
             and m["key"] in results["scores"]]
 
 
-def _values(results, key, steps, metric):
-    return results["scores"][key][str(steps)][metric]["values"]
-
-
 def comparisons(results: dict) -> list[dict]:
     """Paired differences A - B over seeds (same initial noise): the TCD LoRA at every NFE vs every few-step teacher
     at the same NFE (the headline: NFE 4) and vs the LCM LoRA, and the TCD LoRA at 4 steps vs the teacher at its
@@ -38,17 +34,7 @@ def comparisons(results: dict) -> list[dict]:
         pairs.append(("tcd_vs_lcm", LORA, n, "lcm", n))
     pairs += [("tcd4_vs_teacher_ref", LORA, 4, t, r) for t in reference_teachers(results)
               for r in cfg["teacher_ref_steps"]]
-    out = []
-    for kind, a, na, b, nb in pairs:
-        for metric, (_, _, sign) in METRICS.items():
-            diff = metrics.paired(_values(results, a, na, metric), _values(results, b, nb, metric))
-            out.append({"kind": kind, "a": a, "a_steps": na, "b": b, "b_steps": nb, "metric": metric,
-                        "difference": diff, "verdict": verdict(diff, sign)})
-    return out
-
-
-def _label(results, key):
-    return next(m["label"] for m in results["methods"] if m["key"] == key)
+    return vp.paired_comparisons(results, pairs)
 
 
 def grid(tiles: dict, results: dict, path: Path) -> Path:
@@ -60,29 +46,9 @@ def grid(tiles: dict, results: dict, path: Path) -> Path:
     return grid_png(tiles, results, path, rows=rows)
 
 
-def _table(results: dict, metric: str) -> list[str]:
-    cfg = results["config"]
-    cols = list(cfg["nfes"]) + list(cfg["teacher_ref_steps"])
-    lines = ["| method | " + " | ".join(f"{c} steps" for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for m in results["methods"]:
-        if m["key"] not in results["scores"]:
-            continue
-        row = results["scores"][m["key"]]
-        lines.append(f"| {m['label']} | " + " | ".join(_cell(row[str(c)][metric]) if str(c) in row else ""
-                                                     for c in cols) + " |")
-    lines.append(f"| real digits (training split vs held-out): the floor | {_cell(results['floor'][metric])} |"
-                 + " |" * (len(cols) - 1))
-    return lines
-
-
 def _find(results, kind, b, na, nb, metric):
     return next(c for c in results["comparisons"] if c["kind"] == kind and c["b"] == b and c["a_steps"] == na
                 and c["b_steps"] == nb and c["metric"] == metric)
-
-
-def _say(c) -> str:
-    d = c["difference"]
-    return f"{c['verdict']} (Δ {_fmt(d['mean'])} ± {_fmt(d['half'])})"
 
 
 def _both(results, kind, b, na, nb) -> str:
@@ -228,16 +194,7 @@ def summary_markdown(results: dict, out: Path | None = None) -> str:
         "Intervals: mean ± half-width of the 95% t-interval over seeds; comparisons are paired per-seed "
         "differences A − B.",
         "",
-        "![samples: rows teacher, LCM LoRA, TCD LoRA; columns prompts 0-9](grid.png)",
-        "",
-        "## KID (lower is better)",
-        "",
-        *_table(results, "kid"),
-        "",
-        "## Class accuracy (higher is better)",
-        "",
-        *_table(results, "accuracy"),
-        "",
+        *vp.score_tables(results, [m for m in results["methods"] if m["key"] in results["scores"]]),
         "KID's floor is negative, not 0, for the reason the VP benchmark gives (every scored set holds exactly "
         f"{cfg['per_prompt']} digits of each class); compare rows with each other and with the floor.",
         "",
@@ -250,19 +207,10 @@ def summary_markdown(results: dict, out: Path | None = None) -> str:
         *goal_lines(results),
         "",
         *(companion_lines(results, out) if out is not None else []),
-        "## Where the time went",
-        "",
-        "| phase | wall | CPU |",
-        "|---|---|---|",
-        *[f"| {k} | {v['wall_s']:.0f} s | {v['cpu_s']:.0f} s |" for k, v in results["phases"].items()],
-        "",
+        *vp.time_lines(results),
     ]
     return "\n".join(lines)
 
 
 def write(results: dict, out: Path) -> None:
-    for name, text in (("summary.md", summary_markdown(results, out)),
-                       ("results.json", json.dumps(_rounded(results), indent=1, allow_nan=True, default=str))):
-        tmp = out / (name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, out / name)
+    vp.write(results, out, summary_markdown(results, out))

@@ -13,10 +13,9 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -24,23 +23,17 @@ REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from benchmarks.efficacy.run import (DATASET, UNCOND_DATASET, Clock, _data_floor, _losses_of,  # noqa: E402
-                                     _machine, comfy_setup, load_training_set)
+from benchmarks.efficacy import run as vp  # noqa: E402
+from benchmarks.efficacy.run import (DATASET, UNCOND_DATASET, Clock, _data_floor, _machine,  # noqa: E402
+                                     digit_scorer, intervals, sampling_jobs, score_seeds, work_folder)
 
 DEFAULT_OUT = REPO / "benchmarks" / "results" / "efficacy_flow"
 
 CONFIGS = {
-    "full": {
-        "teacher": "full",
-        "teacher_cfg": 2.0,
-        # The node's budget: the same for both objectives; the VP benchmark's (benchmarks/efficacy/run.py).
-        "budget": dict(steps=400, batch_size=32, learning_rate=1e-3, rank=32, alpha=32.0, seed=0, warmup_steps=20,
-                       max_grad_norm=1.0, training_dtype="auto", save_dtype="fp32"),
-        "seeds": [0, 1, 2, 3, 4],
-        "per_prompt": 20,
-        "nfes": [2, 4, 8],
-        "teacher_ref_steps": [25],
-    },
+    # The VP benchmark's full run (its teacher CFG; the node's budget, the same for both objectives; its seeds and
+    # samples per prompt) at 2, 4 and 8 steps, the teacher also at 25; no server run.
+    "full": dict({k: copy.deepcopy(v) for k, v in vp.CONFIGS["full"].items() if k != "http"}, nfes=[2, 4, 8],
+                 teacher_ref_steps=[25]),
     # A minute or two: the pipeline end to end on the small test teacher; its numbers mean little.
     "smoke": {
         "teacher": "test",
@@ -82,23 +75,7 @@ def save_training_set(data) -> None:
 
 
 def distill_one(teacher, cfg: dict, objective: str, work: Path) -> dict:
-    from ..efficacy import distill
-    latents, conds, negative = load_training_set()
-    settings = distill.objective_settings(objective, cfg["teacher_cfg"])
-    r = distill.run_node(teacher, latents, conds, negative, settings, cfg["budget"], f"eff_flow_{objective}")
-    path = work / "models" / "loras" / r["lora_name"]
-    return {"inputs": r["inputs"], "wall_s": round(r["wall_s"], 1), "cpu_s": round(r["cpu_s"], 1),
-            "lora_name": r["lora_name"], "lora": str(path), "losses": _losses_of(path)}
-
-
-def sampling_jobs(cfg: dict, methods: list) -> list[tuple[str, int]]:
-    jobs = []
-    for m in methods:
-        steps = list(m.nfes or cfg["nfes"])
-        if m.model == "teacher" and m.reference:
-            steps += list(cfg["teacher_ref_steps"])
-        jobs += [(m.key, n) for n in steps]
-    return jobs
+    return vp.distill_one(teacher, cfg, objective, work, prefix="eff_flow")
 
 
 def sample_jobs(jobs: list, cfg: dict, models: dict, methods: list, scorer, log=print) -> tuple[dict, dict]:
@@ -109,31 +86,18 @@ def sample_jobs(jobs: list, cfg: dict, models: dict, methods: list, scorer, log=
     scores, tiles = {}, {}
     for key, steps in jobs:
         m, t0 = by_key[key], time.time()
-        per_seed = []
-        for seed in cfg["seeds"]:
-            images, labels = S.sample_digits(m, models[m.model], steps, seed, prompts, negative, cfg["per_prompt"])
-            per_seed.append(scorer(images, labels))
-            if seed == cfg["seeds"][0]:
-                tiles[(key, steps)] = images[::cfg["per_prompt"]].clone()
+        per_seed, tiles[(key, steps)] = score_seeds(S.sample_digits, m, models[m.model], steps, cfg, prompts,
+                                                    negative, scorer)
         scores.setdefault(key, {})[str(steps)] = per_seed
         log(f"  {key} @ {steps}: KID {sum(s['kid'] for s in per_seed) / len(per_seed):.0f}, accuracy "
             f"{sum(s['accuracy'] for s in per_seed) / len(per_seed):.3f} ({time.time() - t0:.0f}s)")
     return scores, tiles
 
 
-def intervals(per_seed: dict) -> dict:
-    """{method: {steps: {metric: 95% t-interval over seeds}}} from the per-seed scores."""
-    from ..efficacy import metrics
-    return {key: {steps: {k: metrics.t_interval([s[k] for s in runs]) for k in runs[0]}
-                  for steps, runs in sorted(by_steps.items(), key=lambda kv: int(kv[0]))}
-            for key, by_steps in per_seed.items()}
-
-
 def extend(config_name: str = "full", out: Path = DEFAULT_OUT, log=print) -> dict:
     """Add the teacher rows of sampling.methods that `out`/results.json lacks (rows added after that run; they need
     no LoRA, so the run's LoRAs need not be retrained) and rewrite its summary. The grid stays as it was."""
-    import torch
-    from ..efficacy import data as D, metrics, teacher as VT
+    from ..efficacy import data as D
     from . import report, sampling as S, teacher as T
     cfg, out = CONFIGS[config_name], Path(out)
     results = json.loads((out / "results.json").read_text())
@@ -144,22 +108,14 @@ def extend(config_name: str = "full", out: Path = DEFAULT_OUT, log=print) -> dic
     need_lora = [m.key for m in missing if not m.model.startswith("teacher")]
     if need_lora:
         raise ValueError(f"rows {need_lora} need the run's LoRAs; rerun the benchmark instead")
-    work = Path(tempfile.mkdtemp(prefix="tcd_efficacy_flow_"))
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     t0, c0 = time.time(), time.process_time()
-    try:
-        comfy_setup(work)
+    with work_folder("tcd_efficacy_flow_"):
         teacher, info = T.get_teacher(cfg["teacher"], log=log)
         if info["key"] != results["teacher"]["key"]:
             raise ValueError(f"the cached teacher ({info['key']}) is not the run's ({results['teacher']['key']}); "
                              f"rerun the benchmark")
-        data = D.load()
-        scorer = metrics.Scorer(data.train, data.train_labels, data.test, data.test_labels, cache=VT.cache_dir())
+        scorer = digit_scorer(D.load())
         per_seed, _ = sample_jobs(sampling_jobs(cfg, missing), cfg, S.models_for(teacher, {}), missing, scorer, log)
-    finally:
-        torch.set_num_threads(previous_threads)
-        shutil.rmtree(work, ignore_errors=True)
     results["scores"].update(intervals(per_seed))
     results["methods"] = [dict(m.__dict__) for m in methods]
     results["comparisons"] = report.comparisons(results)
@@ -172,27 +128,21 @@ def extend(config_name: str = "full", out: Path = DEFAULT_OUT, log=print) -> dic
 
 
 def run(config_name: str = "full", out: Path = DEFAULT_OUT, keep_work: bool = False, log=print) -> dict:
-    import torch
-    from ..efficacy import data as D, metrics, teacher as VT
+    from ..efficacy import data as D, metrics
     from . import report, sampling as S, teacher as T
     cfg = CONFIGS[config_name]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="tcd_efficacy_flow_"))
     clock = Clock()
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     t_all, c_all = time.time(), time.process_time()
-    try:
-        comfy_setup(work)
+    with work_folder("tcd_efficacy_flow_", keep_work, log) as work:
         with clock("teacher (load or train)"):
             teacher, info = T.get_teacher(cfg["teacher"], log=log)
         data = D.load()
         with clock("dataset + classifier"):
             save_training_set(data)
             # the VP benchmark's classifier (same data, same code: the same cached network)
-            scorer = metrics.Scorer(data.train, data.train_labels, data.test, data.test_labels,
-                                    cache=VT.cache_dir())
+            scorer = digit_scorer(data)
         runs = {}
         for objective in ("tcd", "lcm"):
             with clock(f"distill {objective.upper()} through the node"):
@@ -221,12 +171,6 @@ def run(config_name: str = "full", out: Path = DEFAULT_OUT, keep_work: bool = Fa
         results["cpu_s"] = round(time.process_time() - c_all, 1)
         report.write(results, out)
         return results
-    finally:
-        torch.set_num_threads(previous_threads)
-        if keep_work:
-            log(f"work folder kept: {work}")
-        else:
-            shutil.rmtree(work, ignore_errors=True)
 
 
 def main(argv=None) -> int:

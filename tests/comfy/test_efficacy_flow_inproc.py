@@ -30,7 +30,6 @@ import statistics
 import time
 
 import pytest
-import torch
 
 from support.comfy_folders import loras_folder, output_folder
 
@@ -41,6 +40,7 @@ TEACHER_CFG = 2.0
 RECIPE = "recommended"
 SEEDS = (0, 1, 2)
 PER_PROMPT = 20
+SAMPLING = {"seeds": list(SEEDS), "per_prompt": PER_PROMPT}    # the benchmark config's keys for sampling and scoring
 Z_MARGIN = 3.0                      # standard errors of the real-digit KID noise
 MIN_ACCURACY = 0.5                  # chance: 0.1
 
@@ -48,7 +48,8 @@ MIN_ACCURACY = 0.5                  # chance: 0.1
 @pytest.fixture(scope="module")
 def flow_efficacy(pack, tmp_path_factory):
     import comfy.utils
-    from benchmarks.efficacy import data, metrics, teacher as vp_teacher
+    from benchmarks.efficacy import data
+    from benchmarks.efficacy.run import digit_scorer
     from benchmarks.efficacy_flow import model, run, teacher
     old_bar = comfy.utils.PROGRESS_BAR_ENABLED
     comfy.utils.PROGRESS_BAR_ENABLED = False
@@ -56,8 +57,7 @@ def flow_efficacy(pack, tmp_path_factory):
     name = "full" if teacher.is_cached("full") else "test"
     patcher, info = teacher.get_teacher(name)
     digits = data.load()
-    scorer = metrics.Scorer(digits.train, digits.train_labels, digits.test, digits.test_labels,
-                            cache=vp_teacher.cache_dir())
+    scorer = digit_scorer(digits)
     latents, conds = run.training_set(digits)
     prompts, negative = model.conditionings()
     print(f"teacher {name!r}, data and classifier ready in {time.time() - t0:.1f}s ({info['path']})")
@@ -69,13 +69,11 @@ def flow_efficacy(pack, tmp_path_factory):
 
 
 def _kids(env, method, model, steps):
+    from benchmarks.efficacy.run import score_seeds
     from benchmarks.efficacy_flow import sampling
-    out = []
-    for seed in SEEDS:
-        images, labels = sampling.sample_digits(method, model, steps, seed, env["prompts"], env["negative"],
-                                                PER_PROMPT)
-        out.append(env["scorer"](images, labels))
-    return out
+    per_seed, _ = score_seeds(sampling.sample_digits, method, model, steps, SAMPLING, env["prompts"], env["negative"],
+                              env["scorer"])
+    return per_seed
 
 
 def _real_digit_kids(env):
@@ -83,7 +81,7 @@ def _real_digit_kids(env):
     floor)."""
     from benchmarks.efficacy import metrics
     from benchmarks.efficacy.run import _data_floor
-    floor = _data_floor(env["scorer"], env["digits"], {"seeds": list(SEEDS), "per_prompt": PER_PROMPT}, metrics)
+    floor = _data_floor(env["scorer"], env["digits"], SAMPLING, metrics)
     return floor["kid"]["values"]
 
 

@@ -39,6 +39,7 @@ TEACHER_CFG = 2.0
 RECIPE = "recommended"              # the node's default, passed explicitly: a call without it means "custom"
 SEEDS = (0, 1, 2)
 PER_PROMPT = 20
+SAMPLING = {"seeds": list(SEEDS), "per_prompt": PER_PROMPT}    # the benchmark config's keys for sampling and scoring
 KID_MARGIN_OVER_BASE = 40.0        # the LoRA's own effect: same sampler, same steps, same cfg, LoRA on vs off
 KID_MARGIN_OVER_TEACHER = 800.0    # vs the teacher's DPM++ 2M Karras at 4 steps with its CFG
 ACCURACY_MARGIN_OVER_TEACHER = 0.03
@@ -47,14 +48,14 @@ ACCURACY_MARGIN_OVER_TEACHER = 0.03
 @pytest.fixture(scope="module")
 def efficacy(pack, tmp_path_factory):
     import comfy.utils
-    from benchmarks.efficacy import data, metrics, model, teacher
+    from benchmarks.efficacy import data, model, teacher
+    from benchmarks.efficacy.run import digit_scorer
     old_bar = comfy.utils.PROGRESS_BAR_ENABLED
     comfy.utils.PROGRESS_BAR_ENABLED = False
     t0 = time.time()
     patcher, clip, info = teacher.get_teacher("full")
     digits = data.load()
-    scorer = metrics.Scorer(digits.train, digits.train_labels, digits.test, digits.test_labels,
-                            cache=teacher.cache_dir())
+    scorer = digit_scorer(digits)
     with torch.inference_mode():
         prompts = model.encode_prompts(clip, [model.prompt_for(d) for d in range(10)])
         negative = model.encode_prompts(clip, [""])[0]
@@ -71,11 +72,9 @@ def efficacy(pack, tmp_path_factory):
 
 def _scores(env, method, model, steps):
     from benchmarks.efficacy import sampling
-    per_seed = []
-    for seed in SEEDS:
-        images, labels = sampling.sample_digits(method, model, steps, seed, env["prompts"], env["negative"],
-                                                PER_PROMPT)
-        per_seed.append(env["scorer"](images, labels))
+    from benchmarks.efficacy.run import score_seeds
+    per_seed, _ = score_seeds(sampling.sample_digits, method, model, steps, SAMPLING, env["prompts"], env["negative"],
+                              env["scorer"])
     return {k: sum(s[k] for s in per_seed) / len(per_seed) for k in ("kid", "accuracy")}, per_seed
 
 
