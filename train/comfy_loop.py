@@ -321,11 +321,11 @@ def model_path_of(patcher) -> ModelPath:
 
 
 def alphas_cumprod_of(patcher) -> torch.Tensor:
-    """abar_t = 1 / (1 + sigma_t^2) from the model's own sigma table (float64 in ComfyUI, as its sampling)."""
+    """abar_t = 1 / (1 + sigma_t^2) from the model's own sigma table (float64 in ComfyUI, as its sampling), for a
+    model that is not a flow model (model_path_of sends those to FlowPath). schedule_for refuses the samplings that
+    have no discrete table (LCM-patched, continuous EDM) with the reason."""
     ms = backend.model_sampling_object(patcher)
-    if backend.schedule_for(ms).kind != "discrete":
-        raise ValueError(f"this model uses {type(ms).__name__} (flow matching: SD3 / Flux style); the TCD "
-                         f"trainer distils discrete VP models (SD1.x, SD2.x, SDXL, eps or v-prediction)")
+    backend.schedule_for(ms)
     return alphas_cumprod_from_sigmas(backend.sigma_table(ms).double()).float()
 
 
